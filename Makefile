@@ -1,0 +1,17 @@
+# Entry points for people and CI. `make test` is the command .ci/run calls.
+.PHONY: test quickstart crds fmt
+
+## Format check, clippy (-D warnings) and every test; prints one summary line.
+test:
+	@scripts/test.sh
+
+## Run the embedded quickstart pipeline on this machine's CPU.
+quickstart:
+	cargo run --release -p taper-trainer -- quickstart
+
+## Regenerate the CRD manifests in charts/taper/crds/ from the Rust types.
+crds:
+	cargo run -p taper-crds --bin crdgen
+
+fmt:
+	cargo fmt --all
