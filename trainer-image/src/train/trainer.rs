@@ -1,0 +1,184 @@
+//! One optimizer step and one evaluation: the core the `pretrain` loop repeats.
+
+use candle_core::{Device, Tensor};
+use taper_crds::{model::GptConfig, training::ResolvedTraining};
+
+use super::{
+    data::{BatchSampler, DataError, TokenSplit},
+    optim::{AdamW, AdamWConfig, Grads, OptimError},
+    schedule::CosineSchedule,
+};
+use crate::model::{
+    ModelError,
+    gpt::{ForwardCtx, Gpt},
+    ops::cross_entropy,
+    params::ParamStore,
+};
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The optimizer failed.
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    /// Batches could not be drawn.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The loss is NaN or infinite.
+    #[error("loss is not finite ({0}) at step {1}")]
+    NonFiniteLoss(f32, u64),
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (1-based count of optimizer steps).
+    pub step: u64,
+    /// Mean loss over the micro-batches.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens consumed.
+    pub tokens: u64,
+}
+
+/// A GPT, its optimizer and schedule, and a training-data sampler.
+#[derive(Debug)]
+pub struct Trainer {
+    cfg: GptConfig,
+    train: ResolvedTraining,
+    params: ParamStore,
+    model: Gpt,
+    /// The same parameters, detached: evaluation builds no gradient graph.
+    eval_model: Gpt,
+    optim: AdamW,
+    schedule: CosineSchedule,
+    sampler: BatchSampler,
+    device: Device,
+}
+
+impl Trainer {
+    /// A trainer over `params` (fresh or restored) with every parameter trainable.
+    pub fn new(
+        cfg: GptConfig,
+        train: ResolvedTraining,
+        params: ParamStore,
+        device: Device,
+    ) -> Result<Self, StepError> {
+        let model = Gpt::new(cfg, &params)?;
+        let eval_model = model.detached();
+        let optim = AdamW::new(
+            &params,
+            AdamWConfig {
+                beta1: train.betas[0],
+                beta2: train.betas[1],
+                eps: 1e-8,
+                weight_decay: train.weight_decay,
+            },
+            |_| true,
+        )?;
+        let schedule = CosineSchedule {
+            max_lr: train.learning_rate,
+            min_lr: train.min_learning_rate,
+            warmup_steps: train.warmup_steps as u64,
+            decay_steps: train.decay_steps as u64,
+        };
+        let sampler = BatchSampler::new(train.seed as u64);
+        Ok(Self {
+            cfg,
+            train,
+            params,
+            model,
+            eval_model,
+            optim,
+            schedule,
+            sampler,
+            device,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optim
+    }
+
+    fn batch_loss(
+        &self,
+        model: &Gpt,
+        x: &Tensor,
+        y: &Tensor,
+        ctx: &mut ForwardCtx<'_>,
+    ) -> Result<Tensor, StepError> {
+        let logits = model.forward(x, ctx)?;
+        let (b, t, v) = logits.dims3()?;
+        Ok(cross_entropy(
+            &logits.reshape((b * t, v))?,
+            &y.flatten_all()?,
+            None,
+        )?)
+    }
+
+    /// One optimizer step: `gradientAccumulationSteps` micro-batches, gradient clipping,
+    /// the scheduled learning rate, AdamW.
+    pub fn step(&mut self, data: &TokenSplit) -> Result<StepStats, StepError> {
+        let it = self.optim.step_count();
+        let lr = self.schedule.lr(it);
+        let accum = self.train.gradient_accumulation_steps.max(1) as usize;
+        let (batch, block) = (self.train.batch_size as usize, self.cfg.block_size as usize);
+        let mut grads = Grads::new();
+        let mut loss_sum = 0.0f32;
+        for _ in 0..accum {
+            let (x, y) = self.sampler.batch(data, batch, block, &self.device)?;
+            let loss = self.batch_loss(&self.model, &x, &y, &mut ForwardCtx::default())?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(StepError::NonFiniteLoss(value, it + 1));
+            }
+            loss_sum += value;
+            let store = (loss / accum as f64)?.backward()?;
+            grads.accumulate(&store, self.optim.vars())?;
+        }
+        let grad_norm = grads.clip_global_norm(self.train.grad_clip)?;
+        self.optim.step(&grads, lr)?;
+        Ok(StepStats {
+            step: it + 1,
+            loss: loss_sum / accum as f32,
+            lr,
+            grad_norm,
+            tokens: (accum * batch * block) as u64,
+        })
+    }
+
+    /// Mean loss over `iterations` batches of `data`, without gradient tracking, from a
+    /// separate sampler seeded by `seed` (so evaluation does not move the training stream).
+    pub fn evaluate(
+        &self,
+        data: &TokenSplit,
+        iterations: usize,
+        seed: u64,
+    ) -> Result<f32, StepError> {
+        let mut sampler = BatchSampler::new(seed);
+        let (batch, block) = (self.train.batch_size as usize, self.cfg.block_size as usize);
+        let mut sum = 0.0f32;
+        for _ in 0..iterations {
+            let (x, y) = sampler.batch(data, batch, block, &self.device)?;
+            sum += self
+                .batch_loss(&self.eval_model, &x, &y, &mut ForwardCtx::default())?
+                .to_scalar::<f32>()?;
+        }
+        Ok(sum / iterations.max(1) as f32)
+    }
+}
