@@ -13,6 +13,13 @@ failures=()
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "e2e/scripts/build-tools.sh (real servers for the tests; cached in e2e/.bin)"
+if e2e/scripts/build-tools.sh >"$log_dir/tools.log" 2>&1; then
+  tail -n 5 "$log_dir/tools.log"
+else
+  cat "$log_dir/tools.log"; failed=$((failed + 1)); failures+=("building the e2e tools (see $log_dir/tools.log)")
+fi
+
 step "cargo fmt --all --check"
 if cargo fmt --all --check >"$log_dir/fmt.log" 2>&1; then
   passed=$((passed + 1))

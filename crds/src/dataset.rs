@@ -40,7 +40,7 @@ pub enum SourceFormat {
     /// Apache Parquet (the Hugging Face layout of Wikipedia, Alpaca and others).
     #[serde(rename = "parquet")]
     Parquet,
-    /// Plain UTF-8 text; each file is one document.
+    /// Plain UTF-8 text; documents are separated by one or more blank lines.
     #[serde(rename = "text")]
     Text,
     /// A JSON array of Alpaca records `{instruction, input, output}`.

@@ -7,6 +7,7 @@
 
 pub mod conditions;
 pub mod dataset;
+pub mod exit;
 pub mod finetune;
 pub mod job;
 pub mod manifest;

@@ -15,3 +15,5 @@ pub fn shared_data_dir() -> Option<PathBuf> {
     };
     dir.is_dir().then_some(dir)
 }
+
+pub mod minio;

@@ -1,20 +1,26 @@
 //! `taper`: the trainer binary that every Taper pod runs, and the local quickstart.
-//!
-//! Today it validates manifests exactly as the API server does and shows the quickstart
-//! plan; `prepare`, `pretrain`, `finetune` and `generate` arrive with their issues.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+};
 
 use clap::{Parser, Subcommand};
-use taper_crds::{TaperObject, parse_manifests};
+use taper_crds::{TaperObject, exit, parse_manifests};
+use taper_trainer::{
+    generate::{self, SampleOptions},
+    job::{self, JobError},
+};
 
 /// The quickstart pipeline, embedded so that `taper quickstart` needs no file.
 const QUICKSTART: &str = include_str!("../../examples/quickstart/pipeline.yaml");
 
-/// Exit code of a permanent error: a retry cannot help (bad spec, bad input).
-const EXIT_PERMANENT: u8 = 2;
-
 /// Taper's trainer: prepares datasets, pretrains and finetunes GPTs.
+///
+/// Exit codes: 0 success; 1 internal error; 2 invalid spec; 3 invalid data; 4 loss
+/// diverged; 75 retryable (interrupted after a checkpoint, or a transient store failure).
 #[derive(Debug, Parser)]
 #[command(name = "taper", version, about)]
 struct Cli {
@@ -31,9 +37,66 @@ enum Command {
         #[arg(long)]
         job: PathBuf,
     },
+    /// Pretrain a GPT: the program of every PretrainJob pod. Resumes from the newest
+    /// complete checkpoint; on SIGTERM finishes the step, checkpoints and exits 75.
+    Pretrain(PretrainArgs),
+    /// Sample text from a checkpoint.
+    Generate {
+        /// Checkpoint prefix of a job (`file://…` or `s3://…`); the newest checkpoint is used.
+        #[arg(long)]
+        checkpoint: String,
+        /// Text to continue.
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// Softmax temperature; lower is more conservative.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample only from the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 200)]
+        top_k: usize,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+    },
     /// Show the embedded quickstart pipeline (a tiny CPU run: Tiny Shakespeare → a 7M GPT →
     /// a LoRA on Alpaca) after validating it.
     Quickstart,
+}
+
+#[derive(Debug, clap::Args)]
+struct PretrainArgs {
+    /// A PretrainJob manifest (with its Dataset in the same file), or the resolved spec the
+    /// operator writes.
+    #[arg(long)]
+    job: PathBuf,
+    /// Which PretrainJob of the file, when it holds several.
+    #[arg(long)]
+    name: Option<String>,
+    /// Dataset location (a prefix with `manifest.json`); default: the output of the
+    /// Dataset named by `datasetRef` in the job file.
+    #[arg(long)]
+    data: Option<String>,
+    /// Checkpoint prefix; default: `spec.checkpoints.uri`.
+    #[arg(long)]
+    checkpoints: Option<String>,
+    /// Local working folder (dataset cache, checkpoint staging).
+    #[arg(long, env = "TAPER_WORK_DIR", default_value = ".taper/work")]
+    work_dir: PathBuf,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "TAPER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Peak FLOP/s of the device in TFLOPS, for MFU (H100 bf16 dense: 989).
+    #[arg(long, env = "TAPER_PEAK_TFLOPS")]
+    peak_tflops: Option<f64>,
+    /// Stop (with a checkpoint, exit 75) after this step: for demos of resume.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Namespace label of the metrics.
+    #[arg(long, env = "TAPER_NAMESPACE", default_value = "local")]
+    namespace: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +120,17 @@ enum CliError {
         name: String,
         errors: kube::core::cel::ValidationErrors,
     },
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Job(e) => e.exit_code(),
+            _ => exit::INVALID_SPEC,
+        }
+    }
 }
 
 fn load(origin: &str, text: &str) -> Result<Vec<TaperObject>, CliError> {
@@ -78,6 +152,14 @@ fn load(origin: &str, text: &str) -> Result<Vec<TaperObject>, CliError> {
         })?;
     }
     Ok(objects)
+}
+
+fn read_objects(path: &PathBuf) -> Result<Vec<TaperObject>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    load(&path.display().to_string(), &text)
 }
 
 fn describe(object: &TaperObject) -> String {
@@ -121,16 +203,69 @@ fn describe(object: &TaperObject) -> String {
     }
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Job(JobError::Internal(format!("tokio runtime: {e}"))))
+}
+
+fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Validate { job } => {
-            let text = std::fs::read_to_string(&job).map_err(|source| CliError::Read {
-                path: job.clone(),
-                source,
-            })?;
-            for object in load(&job.display().to_string(), &text)? {
+            for object in read_objects(&job)? {
                 println!("ok  {}", describe(&object));
             }
+        }
+        Command::Pretrain(args) => {
+            let objects = read_objects(&args.job)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(signal, stop.clone()).map_err(|e| {
+                    JobError::Internal(format!("cannot install the signal handler: {e}"))
+                })?;
+            }
+            let rt = runtime()?;
+            let opts = job::PretrainOptions {
+                name: args.name,
+                data: args.data,
+                checkpoints: args.checkpoints,
+                work_dir: args.work_dir,
+                metrics_addr: args.metrics_addr,
+                peak_flops: args.peak_tflops.map(|t| t * 1e12),
+                stop_after: args.stop_after,
+                namespace: args.namespace,
+                stop,
+            };
+            let outcome = job::pretrain(&rt, &objects, opts)?;
+            eprintln!("taper: {outcome:?}");
+            return Ok(match outcome {
+                taper_trainer::train::pretrain::Outcome::Interrupted { .. } => exit::RETRYABLE,
+                _ => exit::SUCCESS,
+            });
+        }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            seed,
+        } => {
+            let rt = runtime()?;
+            let text = generate::from_checkpoint(
+                &rt,
+                &checkpoint,
+                &prompt,
+                &SampleOptions {
+                    max_tokens,
+                    temperature,
+                    top_k,
+                    seed,
+                },
+            )?;
+            println!("{text}");
         }
         Command::Quickstart => {
             let objects = load("embedded quickstart", QUICKSTART)?;
@@ -139,21 +274,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 println!("  {}", describe(object));
             }
             println!(
-                "Running it locally needs `taper prepare` and `taper pretrain`, which are not built yet; \
-                 until then this command validates the pipeline and shows what it will run."
+                "Running it end to end needs `taper prepare` (the dataset issue); until then this command \
+                 validates the pipeline and shows what it will run. `taper pretrain --job FILE --data URI` \
+                 trains on an already tokenized dataset."
             );
         }
     }
-    Ok(())
+    Ok(exit::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("taper: {e}");
-            ExitCode::from(EXIT_PERMANENT)
+            ExitCode::from(e.exit_code())
         }
     }
 }

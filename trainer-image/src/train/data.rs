@@ -270,6 +270,18 @@ impl BatchSampler {
     }
 }
 
+/// Whether the file at `path` exists with the given sha256; an empty `sha256` (unknown)
+/// accepts any existing file.
+pub fn verify_sha256(path: &Path, sha256: &str) -> std::io::Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    if sha256.is_empty() {
+        return Ok(true);
+    }
+    Ok(crate::store::sha256_file(path)?.1 == sha256)
+}
+
 /// Write `tokens` as a little-endian u16 shard (the caller ensures ids fit).
 pub fn write_u16_shard(path: &Path, tokens: &[u32]) -> std::io::Result<()> {
     let mut bytes = Vec::with_capacity(tokens.len() * 2);

@@ -4,6 +4,7 @@ use candle_core::{Device, Tensor};
 use taper_crds::{model::GptConfig, training::ResolvedTraining};
 
 use super::{
+    checkpoint::TrainerState,
     data::{BatchSampler, DataError, TokenSplit},
     optim::{AdamW, AdamWConfig, Grads, OptimError},
     schedule::CosineSchedule,
@@ -63,6 +64,8 @@ pub struct Trainer {
     schedule: CosineSchedule,
     sampler: BatchSampler,
     device: Device,
+    tokens: u64,
+    lr_scale: f64,
 }
 
 impl Trainer {
@@ -102,7 +105,61 @@ impl Trainer {
             schedule,
             sampler,
             device,
+            tokens: 0,
+            lr_scale: 1.0,
         })
+    }
+
+    /// Continue from a checkpoint: weights, optimizer moments, step, tokens, learning-rate
+    /// scale and the sampler's position, so the next batch is the one an uninterrupted run
+    /// would have drawn.
+    pub fn restore(
+        &mut self,
+        state: &TrainerState,
+        model: &std::collections::BTreeMap<String, Tensor>,
+        optimizer: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<(), StepError> {
+        self.params.load_from(model)?;
+        self.optim.load_state(optimizer, state.step)?;
+        self.sampler = BatchSampler::resume(state.sampler);
+        self.tokens = state.tokens;
+        self.lr_scale = state.lr_scale;
+        Ok(())
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.optim.step_count()
+    }
+
+    /// Training tokens consumed.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The sampler's position.
+    pub fn sampler_state(&self) -> super::data::SamplerState {
+        self.sampler.state()
+    }
+
+    /// Multiplier on the scheduled learning rate.
+    pub fn lr_scale(&self) -> f64 {
+        self.lr_scale
+    }
+
+    /// Multiply the learning rate (now and for the rest of the schedule) by `factor`.
+    pub fn scale_lr(&mut self, factor: f64) {
+        self.lr_scale *= factor;
+    }
+
+    /// The model's architecture.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// The detached model, for sampling.
+    pub fn eval_model(&self) -> &Gpt {
+        &self.eval_model
     }
 
     /// The parameters.
@@ -135,7 +192,7 @@ impl Trainer {
     /// the scheduled learning rate, AdamW.
     pub fn step(&mut self, data: &TokenSplit) -> Result<StepStats, StepError> {
         let it = self.optim.step_count();
-        let lr = self.schedule.lr(it);
+        let lr = self.schedule.lr(it) * self.lr_scale;
         let accum = self.train.gradient_accumulation_steps.max(1) as usize;
         let (batch, block) = (self.train.batch_size as usize, self.cfg.block_size as usize);
         let mut grads = Grads::new();
@@ -152,13 +209,18 @@ impl Trainer {
             grads.accumulate(&store, self.optim.vars())?;
         }
         let grad_norm = grads.clip_global_norm(self.train.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(StepError::NonFiniteLoss(grad_norm as f32, it + 1));
+        }
         self.optim.step(&grads, lr)?;
+        let tokens = (accum * batch * block) as u64;
+        self.tokens += tokens;
         Ok(StepStats {
             step: it + 1,
             loss: loss_sum / accum as f32,
             lr,
             grad_norm,
-            tokens: (accum * batch * block) as u64,
+            tokens,
         })
     }
 

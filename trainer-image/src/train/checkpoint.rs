@@ -1,0 +1,365 @@
+//! Checkpoints in an object store, written so that a crash at any moment leaves either a
+//! complete checkpoint or one that resume ignores.
+//!
+//! Layout under the checkpoint prefix:
+//!
+//! ```text
+//! step-000001000/model.safetensors      weights (Hugging Face GPT-2 names)
+//! step-000001000/optimizer.safetensors  AdamW moments (m.<name>, v.<name>)
+//! step-000001000/state.json             step, tokens, sampler position, best loss, config
+//! step-000001000/manifest.json          size and sha256 of the three files — written LAST
+//! latest.json                           {"step": 1000, "dir": "step-000001000"} — after the manifest
+//! ```
+//!
+//! Resume takes the newest checkpoint whose manifest exists and whose files all match
+//! their checksums, falling back to older ones. Retention keeps the newest `keep` and the
+//! best (lowest validation loss); deletion removes the manifest first.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use taper_crds::{model::GptConfig, training::ResolvedTraining};
+
+use super::data::SamplerState;
+use crate::store::{ObjectStore, StoreError, join};
+
+/// Files of a checkpoint, in the order they are written (the manifest comes after).
+pub const FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+/// The commit marker of a checkpoint.
+pub const MANIFEST: &str = "manifest.json";
+/// The pointer to the newest checkpoint.
+pub const LATEST: &str = "latest.json";
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Position of the training-batch sampler.
+    pub sampler: SamplerState,
+    /// Lowest validation loss so far.
+    pub best_val_loss: Option<f32>,
+    /// Step of the lowest validation loss.
+    pub best_step: Option<u64>,
+    /// Validation loss at this step, if evaluated here.
+    pub val_loss: Option<f32>,
+    /// Evaluations since the last improvement.
+    pub evals_without_improvement: u32,
+    /// Multiplier on the scheduled learning rate (lowered by the overfitting policy).
+    pub lr_scale: f64,
+    /// The model's architecture.
+    pub model: GptConfig,
+    /// The training settings in force.
+    pub training: ResolvedTraining,
+    /// Digest of the dataset trained on.
+    pub dataset_digest: String,
+    /// Tokenizer of the dataset (`gpt2`, `bytes`, or a `tokenizer.json` URI).
+    pub tokenizer: String,
+}
+
+/// One file of a checkpoint as recorded in its manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name within the checkpoint folder.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// sha256, lower-case hex.
+    pub sha256: String,
+}
+
+/// `manifest.json` of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointManifest {
+    /// Optimizer step.
+    pub step: u64,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Validation loss at this step, if evaluated here.
+    pub val_loss: Option<f32>,
+    /// The files and their checksums.
+    pub files: Vec<FileEntry>,
+}
+
+/// A checkpoint loaded back.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Its folder name, e.g. `step-000001000`.
+    pub dir: String,
+    /// Trainer state.
+    pub state: TrainerState,
+    /// Model weights by name.
+    pub model: BTreeMap<String, Tensor>,
+    /// Optimizer moments by name.
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A local staging file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Tensors could not be serialised or read.
+    #[error("tensors: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// JSON could not be read.
+    #[error("{what}: {source}")]
+    Json {
+        /// Which file.
+        what: String,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// A file does not match its manifest.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// The folder name of step `step`.
+pub fn dir_name(step: u64) -> String {
+    format!("step-{step:09}")
+}
+
+fn step_of(dir: &str) -> Option<u64> {
+    dir.strip_prefix("step-")?.parse().ok()
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
+    crate::store::sha256_file(path).map_err(|source| CheckpointError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Checkpoints of one job in one store, with a local staging folder.
+#[derive(Debug)]
+pub struct Checkpointer<'a> {
+    store: &'a dyn ObjectStore,
+    staging: PathBuf,
+}
+
+/// A complete checkpoint as listed in the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listed {
+    /// Folder name.
+    pub dir: String,
+    /// Its manifest.
+    pub manifest: CheckpointManifest,
+}
+
+impl<'a> Checkpointer<'a> {
+    /// Checkpoints in `store`, staged through the local folder `staging`.
+    pub fn new(store: &'a dyn ObjectStore, staging: impl Into<PathBuf>) -> Self {
+        Self {
+            store,
+            staging: staging.into(),
+        }
+    }
+
+    /// Write a checkpoint: the three files, then the manifest, then `latest.json`.
+    /// Returns the manifest (whose sha256 identifies the checkpoint) and its folder URI.
+    pub async fn save(
+        &self,
+        state: &TrainerState,
+        model: &BTreeMap<String, Tensor>,
+        optimizer: &BTreeMap<String, Tensor>,
+    ) -> Result<(CheckpointManifest, String), CheckpointError> {
+        let dir = dir_name(state.step);
+        let local = self.staging.join(&dir);
+        let io = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| CheckpointError::Io { path: p, source }
+        };
+        std::fs::create_dir_all(&local).map_err(io(&local))?;
+        let to_hash = |m: &BTreeMap<String, Tensor>| -> std::collections::HashMap<String, Tensor> {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        candle_core::safetensors::save(&to_hash(model), local.join(FILES[0]))?;
+        candle_core::safetensors::save(&to_hash(optimizer), local.join(FILES[1]))?;
+        let state_json =
+            serde_json::to_vec_pretty(state).map_err(|source| CheckpointError::Json {
+                what: "state.json".into(),
+                source,
+            })?;
+        std::fs::write(local.join(FILES[2]), state_json).map_err(io(&local.join(FILES[2])))?;
+
+        // A previous attempt at this step may have died after some files: its manifest
+        // is absent, so it was never a checkpoint; the files below replace it.
+        let mut files = Vec::new();
+        for name in FILES {
+            let path = local.join(name);
+            let (size, sha256) = sha256_file(&path)?;
+            self.store.put_file(&join(&dir, name), &path).await?;
+            files.push(FileEntry {
+                name: name.to_string(),
+                size,
+                sha256,
+            });
+        }
+        let manifest = CheckpointManifest {
+            step: state.step,
+            tokens: state.tokens,
+            val_loss: state.val_loss,
+            files,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&manifest).map_err(|source| CheckpointError::Json {
+                what: "manifest.json".into(),
+                source,
+            })?;
+        self.store.put(&join(&dir, MANIFEST), bytes).await?;
+        let latest = serde_json::json!({ "step": state.step, "dir": dir });
+        self.store
+            .put(LATEST, latest.to_string().into_bytes())
+            .await?;
+        std::fs::remove_dir_all(&local).map_err(io(&local))?;
+        Ok((manifest, join(&self.store.uri(), &dir)))
+    }
+
+    /// Every checkpoint whose manifest exists, oldest first (files not yet verified).
+    pub async fn list(&self) -> Result<Vec<Listed>, CheckpointError> {
+        let mut out = Vec::new();
+        for obj in self.store.list("step-").await? {
+            let Some((dir, file)) = obj.key.split_once('/') else {
+                continue;
+            };
+            if file != MANIFEST || step_of(dir).is_none() {
+                continue;
+            }
+            let bytes = self.store.get(&obj.key).await?;
+            match serde_json::from_slice::<CheckpointManifest>(&bytes) {
+                Ok(manifest) => out.push(Listed {
+                    dir: dir.to_string(),
+                    manifest,
+                }),
+                Err(e) => eprintln!("taper: ignoring checkpoint {dir}: unreadable manifest: {e}"),
+            }
+        }
+        out.sort_by_key(|l| l.manifest.step);
+        Ok(out)
+    }
+
+    async fn fetch_verified(
+        &self,
+        listed: &Listed,
+        device: &Device,
+    ) -> Result<Loaded, CheckpointError> {
+        let local = self.staging.join(format!("restore-{}", listed.dir));
+        let mut paths = BTreeMap::new();
+        for entry in &listed.manifest.files {
+            let path = local.join(&entry.name);
+            self.store
+                .get_file(&join(&listed.dir, &entry.name), &path)
+                .await?;
+            let (size, sha) = sha256_file(&path)?;
+            if size != entry.size || sha != entry.sha256 {
+                return Err(CheckpointError::Corrupt(format!(
+                    "{}/{}: sha256 {sha} ({size} bytes) does not match the manifest's {} ({} bytes)",
+                    listed.dir, entry.name, entry.sha256, entry.size
+                )));
+            }
+            paths.insert(entry.name.clone(), path);
+        }
+        let path = |name: &str| {
+            paths.get(name).cloned().ok_or_else(|| {
+                CheckpointError::Corrupt(format!("{}: manifest lacks {name}", listed.dir))
+            })
+        };
+        let model = candle_core::safetensors::load(path(FILES[0])?, device)?
+            .into_iter()
+            .collect();
+        let optimizer = candle_core::safetensors::load(path(FILES[1])?, device)?
+            .into_iter()
+            .collect();
+        let state_path = path(FILES[2])?;
+        let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io {
+            path: state_path.display().to_string(),
+            source,
+        })?;
+        let state = serde_json::from_slice(&text).map_err(|source| CheckpointError::Json {
+            what: format!("{}/state.json", listed.dir),
+            source,
+        })?;
+        std::fs::remove_dir_all(&local).ok();
+        Ok(Loaded {
+            dir: listed.dir.clone(),
+            state,
+            model,
+            optimizer,
+        })
+    }
+
+    /// The newest complete and intact checkpoint, or `None` when there is none. A
+    /// checkpoint with a missing or corrupt file is reported and skipped.
+    pub async fn resume(&self, device: &Device) -> Result<Option<Loaded>, CheckpointError> {
+        for listed in self.list().await?.iter().rev() {
+            match self.fetch_verified(listed, device).await {
+                Ok(loaded) => return Ok(Some(loaded)),
+                Err(e) => eprintln!("taper: skipping checkpoint {}: {e}", listed.dir),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Delete every checkpoint but the newest `keep` and the one with the lowest
+    /// validation loss. Returns the folders deleted.
+    pub async fn retain(&self, keep: usize) -> Result<Vec<String>, CheckpointError> {
+        let listed = self.list().await?;
+        let best = listed
+            .iter()
+            .filter_map(|l| l.manifest.val_loss.map(|v| (v, l.manifest.step)))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, step)| step);
+        let newest: Vec<u64> = listed
+            .iter()
+            .rev()
+            .take(keep.max(1))
+            .map(|l| l.manifest.step)
+            .collect();
+        let mut deleted = Vec::new();
+        for l in &listed {
+            let step = l.manifest.step;
+            if newest.contains(&step) || Some(step) == best {
+                continue;
+            }
+            self.store.delete(&join(&l.dir, MANIFEST)).await?;
+            for f in &l.manifest.files {
+                self.store.delete(&join(&l.dir, &f.name)).await?;
+            }
+            deleted.push(l.dir.clone());
+        }
+        Ok(deleted)
+    }
+
+    /// The folder URI of the checkpoint with the lowest validation loss.
+    pub async fn best(&self) -> Result<Option<Listed>, CheckpointError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|l| l.manifest.val_loss.is_some())
+            .min_by(|a, b| {
+                a.manifest
+                    .val_loss
+                    .unwrap_or(f32::INFINITY)
+                    .total_cmp(&b.manifest.val_loss.unwrap_or(f32::INFINITY))
+            }))
+    }
+}

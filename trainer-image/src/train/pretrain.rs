@@ -1,0 +1,321 @@
+//! The pretraining loop: resume, train, evaluate, apply the overfitting policy,
+//! checkpoint, report — until `maxSteps`, an early stop, or SIGTERM.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use candle_core::Device;
+use serde_json::json;
+use taper_crds::{
+    model::GptConfig,
+    training::{Overfitting, OverfittingAction, ResolvedTraining},
+};
+
+use super::{
+    checkpoint::{CheckpointError, Checkpointer, TrainerState},
+    data::{DataError, TokenSplit},
+    trainer::{StepError, Trainer},
+};
+use crate::{
+    metrics::Metrics,
+    model::{
+        ModelError,
+        gpt::{flops_per_token, init_params},
+    },
+    store::ObjectStore,
+};
+
+/// Consecutive non-finite steps tolerated (each skipped, with fresh batches) before the
+/// run is declared diverged.
+pub const MAX_NON_FINITE_STEPS: u32 = 3;
+
+/// Everything a pretraining run needs.
+#[derive(Debug)]
+pub struct PretrainRun<'a> {
+    /// Architecture.
+    pub model: GptConfig,
+    /// Training settings.
+    pub training: ResolvedTraining,
+    /// Overfitting policy.
+    pub overfitting: Overfitting,
+    /// Save every this many steps.
+    pub checkpoint_interval: u64,
+    /// Newest checkpoints kept (plus the best).
+    pub keep: usize,
+    /// Train split.
+    pub train: &'a TokenSplit,
+    /// Test split.
+    pub test: &'a TokenSplit,
+    /// Digest of the dataset, recorded in checkpoints.
+    pub dataset_digest: String,
+    /// Tokenizer of the dataset, recorded in checkpoints for `taper generate`.
+    pub tokenizer: String,
+    /// Where checkpoints go.
+    pub store: &'a dyn ObjectStore,
+    /// Local staging folder for checkpoint files.
+    pub staging: PathBuf,
+    /// Device to train on.
+    pub device: Device,
+    /// Peak FLOP/s of the device, for MFU; `None` leaves MFU unreported.
+    pub peak_flops: Option<f64>,
+    /// Set by the SIGTERM handler: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+    /// Metrics to update.
+    pub metrics: Option<&'a Metrics>,
+    /// Stop after this step even if `maxSteps` is later (for tests and demos).
+    pub stop_after: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// `maxSteps` reached.
+    MaxStepsReached {
+        /// Final step.
+        step: u64,
+    },
+    /// The overfitting policy stopped training.
+    StoppedEarly {
+        /// Final step.
+        step: u64,
+    },
+    /// SIGTERM (or `stop_after`): a checkpoint was saved; a new run resumes from it.
+    Interrupted {
+        /// Step of the saved checkpoint.
+        step: u64,
+    },
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PretrainError {
+    /// The model could not be built.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A step failed.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    /// Data could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The loss stayed NaN or infinite.
+    #[error("loss diverged: {0} consecutive non-finite steps (last at step {1})")]
+    Diverged(u32, u64),
+    /// The checkpoint to resume from belongs to another model or dataset.
+    #[error("checkpoint {0} does not match this job: {1}")]
+    Mismatch(String, String),
+}
+
+/// One line of machine-readable progress (JSON on stdout), read by the operator.
+fn emit(event: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+struct Tracker {
+    best: Option<f32>,
+    best_step: Option<u64>,
+    bad_evals: u32,
+}
+
+/// Run (or resume) pretraining. Progress goes to stdout as JSON lines:
+/// `{"event":"step",...}`, `{"event":"eval",...}`, `{"event":"checkpoint",...}`,
+/// `{"event":"resume",...}` and a final `{"event":"done",...}`.
+pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome, PretrainError> {
+    let ckpt = Checkpointer::new(run.store, run.staging.clone());
+    let params = init_params(&run.model, run.training.seed as u64, &run.device)?;
+    let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;
+    let mut trainer = Trainer::new(run.model, run.training.clone(), params, run.device.clone())?;
+    let mut tracker = Tracker {
+        best: None,
+        best_step: None,
+        bad_evals: 0,
+    };
+
+    if let Some(loaded) = rt.block_on(ckpt.resume(&run.device))? {
+        if loaded.state.model != run.model {
+            return Err(PretrainError::Mismatch(
+                loaded.dir,
+                "the model architecture differs".into(),
+            ));
+        }
+        if loaded.state.dataset_digest != run.dataset_digest {
+            return Err(PretrainError::Mismatch(
+                loaded.dir,
+                "it was trained on another dataset digest".into(),
+            ));
+        }
+        trainer.restore(&loaded.state, &loaded.model, &loaded.optimizer)?;
+        tracker = Tracker {
+            best: loaded.state.best_val_loss,
+            best_step: loaded.state.best_step,
+            bad_evals: loaded.state.evals_without_improvement,
+        };
+        emit(
+            json!({"event": "resume", "step": loaded.state.step, "checkpoint": loaded.dir, "tokens": loaded.state.tokens}),
+        );
+    }
+
+    let max_steps = run.training.max_steps as u64;
+    let eval_every = run.training.eval_interval.max(1) as u64;
+    let ckpt_every = run.checkpoint_interval.max(1);
+    let flops = flops_per_token(&run.model, n_params);
+    let mut non_finite = 0u32;
+    let mut last_val: Option<f32>;
+
+    let save = |trainer: &Trainer,
+                tracker: &Tracker,
+                val_loss: Option<f32>|
+     -> Result<(), PretrainError> {
+        let started = Instant::now();
+        let state = TrainerState {
+            step: trainer.step_count(),
+            tokens: trainer.tokens(),
+            sampler: trainer.sampler_state(),
+            best_val_loss: tracker.best,
+            best_step: tracker.best_step,
+            val_loss,
+            evals_without_improvement: tracker.bad_evals,
+            lr_scale: trainer.lr_scale(),
+            model: run.model,
+            training: run.training.clone(),
+            dataset_digest: run.dataset_digest.clone(),
+            tokenizer: run.tokenizer.clone(),
+        };
+        let (manifest, uri) = rt.block_on(ckpt.save(
+            &state,
+            &trainer.params().tensors(),
+            &trainer.optimizer().state_tensors(),
+        ))?;
+        let deleted = rt.block_on(ckpt.retain(run.keep))?;
+        let secs = started.elapsed().as_secs_f64();
+        if let Some(m) = run.metrics {
+            m.checkpoint_save.observe(secs);
+        }
+        let sha = manifest
+            .files
+            .iter()
+            .map(|f| f.sha256.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        emit(
+            json!({"event": "checkpoint", "step": state.step, "tokens": state.tokens, "uri": uri,
+                    "valLoss": val_loss, "seconds": secs, "deleted": deleted, "fileSha256": sha}),
+        );
+        Ok(())
+    };
+
+    loop {
+        let step = trainer.step_count();
+        if step >= max_steps {
+            emit(json!({"event": "done", "reason": "MaxStepsReached", "step": step}));
+            return Ok(Outcome::MaxStepsReached { step });
+        }
+        let started = Instant::now();
+        let stats = match trainer.step(run.train) {
+            Ok(s) => {
+                non_finite = 0;
+                s
+            }
+            Err(StepError::NonFiniteLoss(value, at)) => {
+                non_finite += 1;
+                emit(
+                    json!({"event": "nonFiniteLoss", "step": at, "value": value.to_string(), "consecutive": non_finite}),
+                );
+                if non_finite >= MAX_NON_FINITE_STEPS {
+                    return Err(PretrainError::Diverged(non_finite, at));
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let tok_s = stats.tokens as f64 / secs.max(1e-9);
+        let mfu = run.peak_flops.map(|peak| flops * tok_s / peak);
+        if let Some(m) = run.metrics {
+            m.train_loss.set(stats.loss as f64);
+            m.learning_rate.set(stats.lr);
+            m.step.set(stats.step as i64);
+            m.tokens.inc_by(stats.tokens);
+            m.step_duration.observe(secs);
+            if let Some(mfu) = mfu {
+                m.mfu.set(mfu);
+            }
+        }
+        emit(
+            json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                    "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
+                    "mfu": mfu, "seconds": secs}),
+        );
+
+        let at_end = stats.step >= max_steps;
+        let mut stop_early = false;
+        let mut improved = false;
+        last_val = None;
+        if stats.step % eval_every == 0 || at_end {
+            let iters = run.training.eval_iterations.max(1) as usize;
+            let eval_seed = run.training.seed as u64 ^ 0x5eed_e7a1;
+            let train_loss = trainer.evaluate(run.train, iters, eval_seed)?;
+            let val_loss = trainer.evaluate(run.test, iters, eval_seed)?;
+            last_val = Some(val_loss);
+            if let Some(m) = run.metrics {
+                m.val_loss.set(val_loss as f64);
+            }
+            improved = tracker
+                .best
+                .is_none_or(|b| val_loss < b - run.overfitting.min_delta as f32);
+            if improved {
+                tracker.best = Some(val_loss);
+                tracker.best_step = Some(stats.step);
+                tracker.bad_evals = 0;
+            } else {
+                tracker.bad_evals += 1;
+            }
+            let mut action = "none";
+            if tracker.bad_evals >= run.overfitting.patience.max(1) as u32 {
+                match run.overfitting.action {
+                    OverfittingAction::None => {}
+                    OverfittingAction::ReduceLearningRate => {
+                        trainer.scale_lr(run.overfitting.factor);
+                        tracker.bad_evals = 0;
+                        action = "reduceLearningRate";
+                    }
+                    OverfittingAction::StopEarly => {
+                        stop_early = true;
+                        action = "stopEarly";
+                    }
+                }
+            }
+            emit(
+                json!({"event": "eval", "step": stats.step, "trainLoss": train_loss, "valLoss": val_loss,
+                        "bestValLoss": tracker.best, "bestStep": tracker.best_step, "action": action}),
+            );
+        }
+
+        let interrupted =
+            run.stop.load(Ordering::SeqCst) || run.stop_after.is_some_and(|s| stats.step >= s);
+        // A new best is saved at once (as nanoGPT does), so the best checkpoint always exists.
+        if stats.step % ckpt_every == 0 || improved || at_end || stop_early || interrupted {
+            save(&trainer, &tracker, last_val)?;
+        }
+        if stop_early {
+            emit(json!({"event": "done", "reason": "StoppedEarly", "step": stats.step}));
+            return Ok(Outcome::StoppedEarly { step: stats.step });
+        }
+        if interrupted && !at_end {
+            emit(json!({"event": "done", "reason": "Interrupted", "step": stats.step}));
+            return Ok(Outcome::Interrupted { step: stats.step });
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Checkpoints are atomic, verified and retained as documented, and a resumed run is the
+//! same run: killed part way and restarted, it ends with the weights an uninterrupted run
+//! reaches.
+
+mod common;
+
+use std::sync::{Arc, atomic::AtomicBool};
+
+use candle_core::Device;
+use common::{TempDir, byte_dataset, quick_training, tiny_model};
+use taper_crds::training::Overfitting;
+use taper_trainer::{
+    store::{LocalStore, ObjectStore},
+    train::{
+        checkpoint::{Checkpointer, LATEST, MANIFEST, dir_name},
+        data::open_dataset,
+        pretrain::{self, Outcome, PretrainRun},
+    },
+};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn run_job(
+    rt: &tokio::runtime::Runtime,
+    data: &std::path::Path,
+    store: &dyn ObjectStore,
+    staging: &std::path::Path,
+    max_steps: i64,
+    stop_after: Option<u64>,
+    interval: u64,
+) -> Outcome {
+    let (manifest, train, test) = open_dataset(data).expect("dataset");
+    pretrain::run(
+        rt,
+        PretrainRun {
+            model: tiny_model(),
+            training: quick_training(max_steps),
+            overfitting: Overfitting {
+                action: taper_crds::training::OverfittingAction::None,
+                ..Overfitting::default()
+            },
+            checkpoint_interval: interval,
+            keep: 2,
+            train: &train,
+            test: &test,
+            dataset_digest: manifest.digest.clone(),
+            tokenizer: manifest.tokenizer.clone(),
+            store,
+            staging: staging.to_path_buf(),
+            device: Device::Cpu,
+            peak_flops: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            metrics: None,
+            stop_after,
+        },
+    )
+    .expect("pretraining runs")
+}
+
+fn weights(
+    store: &dyn ObjectStore,
+    rt: &tokio::runtime::Runtime,
+    staging: &std::path::Path,
+) -> (u64, Vec<(String, Vec<f32>)>) {
+    let loaded = rt
+        .block_on(Checkpointer::new(store, staging).resume(&Device::Cpu))
+        .expect("resume")
+        .expect("a checkpoint exists");
+    let w = loaded
+        .model
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("values"),
+            )
+        })
+        .collect();
+    (loaded.state.step, w)
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    let rt = rt();
+    let tmp = TempDir::new("resume");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+
+    let straight = LocalStore::new(tmp.path().join("straight"));
+    let outcome = run_job(&rt, &data, &straight, &tmp.path().join("s1"), 12, None, 4);
+    assert_eq!(outcome, Outcome::MaxStepsReached { step: 12 });
+
+    let resumed = LocalStore::new(tmp.path().join("resumed"));
+    let first = run_job(&rt, &data, &resumed, &tmp.path().join("s2"), 12, Some(5), 4);
+    assert_eq!(
+        first,
+        Outcome::Interrupted { step: 5 },
+        "stops with a checkpoint at step 5"
+    );
+    let second = run_job(&rt, &data, &resumed, &tmp.path().join("s3"), 12, None, 4);
+    assert_eq!(second, Outcome::MaxStepsReached { step: 12 });
+
+    let (step_a, wa) = weights(&straight, &rt, &tmp.path().join("r1"));
+    let (step_b, wb) = weights(&resumed, &rt, &tmp.path().join("r2"));
+    assert_eq!((step_a, step_b), (12, 12));
+    assert_eq!(
+        wa, wb,
+        "the resumed run saw the same batches and ends with identical weights"
+    );
+}
+
+#[test]
+fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_the_best() {
+    let rt = rt();
+    let tmp = TempDir::new("fallback");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+    let store = LocalStore::new(tmp.path().join("ckpt"));
+    run_job(&rt, &data, &store, &tmp.path().join("s"), 12, None, 2);
+    let ck = Checkpointer::new(&store, tmp.path().join("r"));
+
+    // Retention: the newest two (steps 10 and 12) plus the best by validation loss.
+    let listed = rt.block_on(ck.list()).expect("list");
+    let steps: Vec<u64> = listed.iter().map(|l| l.manifest.step).collect();
+    let best = rt
+        .block_on(ck.best())
+        .expect("best")
+        .expect("a best checkpoint");
+    assert!(steps.ends_with(&[10, 12]), "{steps:?}");
+    assert!(
+        steps.len() <= 3 && steps.contains(&best.manifest.step),
+        "{steps:?}, best {}",
+        best.manifest.step
+    );
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.path(LATEST)).expect("latest.json"))
+            .expect("json");
+    assert_eq!(latest["step"], 12);
+    let folders = std::fs::read_dir(store.path(""))
+        .expect("store root")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+        .count();
+    assert_eq!(
+        folders,
+        steps.len(),
+        "deleted checkpoints leave no empty folders"
+    );
+
+    // Corrupt the newest: one flipped byte in its weights.
+    let newest = store.path(&format!("{}/model.safetensors", dir_name(12)));
+    let mut bytes = std::fs::read(&newest).expect("weights");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&newest, bytes).expect("corrupt");
+    let loaded = rt
+        .block_on(ck.resume(&Device::Cpu))
+        .expect("resume")
+        .expect("fallback");
+    assert_eq!(
+        loaded.state.step, 10,
+        "falls back past the corrupt checkpoint"
+    );
+
+    // Remove a file of the next one: falls back again (to the best, if it is older).
+    std::fs::remove_file(store.path(&format!("{}/optimizer.safetensors", dir_name(10))))
+        .expect("remove");
+    let loaded = rt.block_on(ck.resume(&Device::Cpu)).expect("resume");
+    match loaded {
+        Some(l) => assert!(
+            l.state.step < 10,
+            "skips the checkpoint with a missing file"
+        ),
+        None => assert!(best.manifest.step >= 10, "no intact checkpoint is left"),
+    }
+
+    // A checkpoint without its manifest (a crash mid-write) is not a checkpoint.
+    std::fs::create_dir_all(store.path(&dir_name(14))).expect("dir");
+    std::fs::write(
+        store.path(&format!("{}/model.safetensors", dir_name(14))),
+        b"partial",
+    )
+    .expect("partial");
+    assert!(
+        rt.block_on(ck.list())
+            .expect("list")
+            .iter()
+            .all(|l| l.manifest.step != 14)
+    );
+    assert!(!store.path(&format!("{}/{MANIFEST}", dir_name(14))).exists());
+}

@@ -1,0 +1,108 @@
+//! Helpers shared by the trainer's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use taper_crds::{
+    model::GptConfig,
+    training::{Precision, ResolvedTraining},
+};
+use taper_trainer::train::data::{DatasetManifest, ShardInfo, TokenDtype, write_u16_shard};
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("taper-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A byte-level dataset of a synthetic corpus (no shared data needed): train and test
+/// shards plus a manifest with real checksums.
+pub fn byte_dataset(dir: &Path) -> DatasetManifest {
+    let text: String = (0..4000)
+        .map(|i| {
+            format!(
+                "line {i}: the quick brown fox jumps over the lazy dog {}.\n",
+                i % 17
+            )
+        })
+        .collect();
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    let cut = tokens.len() * 9 / 10;
+    let shard = |name: &str, toks: &[u32]| {
+        let path = dir.join(name);
+        write_u16_shard(&path, toks).expect("write shard");
+        let (_, sha) = taper_trainer::store::sha256_file(&path).expect("hash");
+        ShardInfo {
+            file: name.into(),
+            tokens: toks.len() as u64,
+            sha256: sha,
+        }
+    };
+    let train = vec![shard("train-00000.bin", &tokens[..cut])];
+    let test = vec![shard("test-00000.bin", &tokens[cut..])];
+    let manifest = DatasetManifest {
+        version: 1,
+        tokenizer: "bytes".into(),
+        vocab_size: 256,
+        eot_token: 10,
+        dtype: TokenDtype::Uint16,
+        digest: format!("{}{}", train[0].sha256, test[0].sha256),
+        train,
+        test,
+    };
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .expect("manifest");
+    manifest
+}
+
+pub fn tiny_model() -> GptConfig {
+    GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 32,
+        block_size: 32,
+        vocab_size: 256,
+        dropout: 0.0,
+        bias: true,
+    }
+}
+
+pub fn quick_training(max_steps: i64) -> ResolvedTraining {
+    ResolvedTraining {
+        batch_size: 4,
+        gradient_accumulation_steps: 2,
+        max_steps,
+        learning_rate: 3e-3,
+        min_learning_rate: 3e-4,
+        warmup_steps: 2,
+        decay_steps: max_steps,
+        weight_decay: 0.1,
+        betas: [0.9, 0.95],
+        grad_clip: 1.0,
+        precision: Precision::F32,
+        seed: 7,
+        eval_interval: 4,
+        eval_iterations: 2,
+    }
+}

@@ -1,0 +1,180 @@
+//! The S3 backend against a real MinIO (built by `e2e/scripts/build-tools.sh minio`):
+//! put/get/list/delete, multipart uploads in parallel parts, checkpoints and resume, and
+//! an outage reported as a retryable error.
+
+mod common;
+
+use std::sync::{Arc, atomic::AtomicBool};
+
+use candle_core::Device;
+use common::{TempDir, byte_dataset, quick_training, tiny_model};
+use taper_crds::exit;
+use taper_e2e::minio::Minio;
+use taper_trainer::{
+    job::JobError,
+    store::{ObjectStore, S3Settings, S3Store, StoreError},
+    train::{
+        checkpoint::Checkpointer,
+        data::open_dataset,
+        pretrain::{self, Outcome, PretrainRun},
+    },
+};
+
+fn settings(minio: &Minio) -> S3Settings {
+    S3Settings {
+        endpoint: Some(minio.endpoint()),
+        ..S3Settings::default()
+    }
+}
+
+async fn bucket(minio: &Minio, name: &str, prefix: &str, s: S3Settings) -> S3Store {
+    let store = S3Store::connect(name, prefix, s).await;
+    let _ = minio;
+    store
+        .client()
+        .create_bucket()
+        .bucket(name)
+        .send()
+        .await
+        .expect("create bucket");
+    store
+}
+
+#[test]
+fn s3_store_against_minio() {
+    let minio =
+        Minio::start().expect("MinIO starts (build it with e2e/scripts/build-tools.sh minio)");
+    minio.export_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tmp = TempDir::new("s3");
+
+    rt.block_on(async {
+        // Basic object operations under a prefix, path-style on a custom endpoint.
+        let store = bucket(&minio, "basics", "jobs/a", settings(&minio)).await;
+        assert_eq!(store.uri(), "s3://basics/jobs/a");
+        store.put("x/one.txt", b"1".to_vec()).await.expect("put");
+        store.put("x/two.txt", b"22".to_vec()).await.expect("put");
+        store.put("y.txt", b"333".to_vec()).await.expect("put");
+        assert_eq!(store.get("x/two.txt").await.expect("get"), b"22");
+        let listed = store.list("x/").await.expect("list");
+        assert_eq!(
+            listed
+                .iter()
+                .map(|o| (o.key.as_str(), o.size))
+                .collect::<Vec<_>>(),
+            vec![("x/one.txt", 1), ("x/two.txt", 2)]
+        );
+        store.delete("x/one.txt").await.expect("delete");
+        store
+            .delete("x/never-existed")
+            .await
+            .expect("deleting a missing key is fine");
+        assert!(matches!(
+            store.get("x/one.txt").await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        // Multipart: a 12 MiB file in 5 MiB parts, uploaded in parallel, read back intact.
+        let small_parts = S3Settings {
+            multipart_threshold: 6 << 20,
+            part_size: 5 << 20,
+            parallel_parts: 3,
+            ..settings(&minio)
+        };
+        let big_store = bucket(&minio, "multipart", "", small_parts).await;
+        let big = tmp.path().join("big.bin");
+        let data: Vec<u8> = (0..12u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&big, &data).expect("write");
+        big_store
+            .put_file("weights/big.bin", &big)
+            .await
+            .expect("multipart upload");
+        let back = tmp.path().join("back.bin");
+        big_store
+            .get_file("weights/big.bin", &back)
+            .await
+            .expect("download");
+        assert_eq!(
+            taper_trainer::store::sha256_file(&back).expect("hash"),
+            taper_trainer::store::sha256_file(&big).expect("hash")
+        );
+        let head = big_store
+            .client()
+            .head_object()
+            .bucket("multipart")
+            .key("weights/big.bin")
+            .send()
+            .await
+            .expect("head");
+        assert!(
+            head.e_tag().unwrap_or_default().ends_with("-3\""),
+            "uploaded as 3 parts: {:?}",
+            head.e_tag()
+        );
+    });
+
+    // Pretraining with checkpoints in S3, interrupted and resumed.
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+    let (manifest, train, test) = open_dataset(&data).expect("dataset");
+    let store = rt.block_on(bucket(&minio, "checkpoints", "ns/pj/run", settings(&minio)));
+    let run = |stop_after: Option<u64>, staging: &str| {
+        pretrain::run(
+            &rt,
+            PretrainRun {
+                model: tiny_model(),
+                training: quick_training(8),
+                overfitting: Default::default(),
+                checkpoint_interval: 4,
+                keep: 2,
+                train: &train,
+                test: &test,
+                dataset_digest: manifest.digest.clone(),
+                tokenizer: manifest.tokenizer.clone(),
+                store: &store,
+                staging: tmp.path().join(staging),
+                device: Device::Cpu,
+                peak_flops: None,
+                stop: Arc::new(AtomicBool::new(false)),
+                metrics: None,
+                stop_after,
+            },
+        )
+    };
+    assert_eq!(
+        run(Some(3), "a").expect("first run"),
+        Outcome::Interrupted { step: 3 }
+    );
+    assert_eq!(
+        run(None, "b").expect("resumed run"),
+        Outcome::MaxStepsReached { step: 8 }
+    );
+    let loaded = rt
+        .block_on(Checkpointer::new(&store, tmp.path().join("c")).resume(&Device::Cpu))
+        .expect("resume")
+        .expect("checkpoint in S3");
+    assert_eq!(loaded.state.step, 8);
+
+    // An outage: the store is gone, the error is transient and maps to "retryable".
+    let dead = rt.block_on(S3Store::connect(
+        "checkpoints",
+        "x",
+        S3Settings {
+            max_attempts: 2,
+            ..settings(&minio)
+        },
+    ));
+    drop(minio);
+    let err = rt
+        .block_on(dead.put("k", b"v".to_vec()))
+        .expect_err("the server is down");
+    assert!(err.is_transient(), "{err}");
+    assert_eq!(JobError::Store(err).exit_code(), exit::RETRYABLE);
+}
