@@ -4,5 +4,6 @@ pub mod generate;
 pub mod job;
 pub mod metrics;
 pub mod model;
+pub mod prepare;
 pub mod store;
 pub mod train;

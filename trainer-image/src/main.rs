@@ -12,6 +12,7 @@ use taper_crds::{TaperObject, exit, parse_manifests};
 use taper_trainer::{
     generate::{self, SampleOptions},
     job::{self, JobError},
+    prepare,
 };
 
 /// The quickstart pipeline, embedded so that `taper quickstart` needs no file.
@@ -40,6 +41,15 @@ enum Command {
     /// Pretrain a GPT: the program of every PretrainJob pod. Resumes from the newest
     /// complete checkpoint; on SIGTERM finishes the step, checkpoints and exits 75.
     Pretrain(PretrainArgs),
+    /// Prepare a Dataset: read its sources, split, tokenize and publish shards and a manifest.
+    Prepare {
+        /// A Dataset manifest (or a file holding one).
+        #[arg(long)]
+        job: PathBuf,
+        /// Which Dataset of the file, when it holds several.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Sample text from a checkpoint.
     Generate {
         /// Checkpoint prefix of a job (`file://…` or `s3://…`); the newest checkpoint is used.
@@ -61,9 +71,16 @@ enum Command {
         #[arg(long, default_value_t = 1337)]
         seed: u64,
     },
-    /// Show the embedded quickstart pipeline (a tiny CPU run: Tiny Shakespeare → a 7M GPT →
-    /// a LoRA on Alpaca) after validating it.
-    Quickstart,
+    /// Run the embedded quickstart pipeline on this CPU: prepare Tiny Shakespeare, pretrain a
+    /// 7M-parameter GPT on it (resuming if stopped), and sample from it.
+    Quickstart {
+        /// Local working folder.
+        #[arg(long, default_value = ".taper/quickstart/work")]
+        work_dir: PathBuf,
+        /// Stop (with a checkpoint, exit 75) after this step; run again to resume.
+        #[arg(long)]
+        stop_after: Option<u64>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,6 +228,119 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::Job(JobError::Internal(format!("tokio runtime: {e}"))))
 }
 
+fn pick_dataset<'a>(
+    objects: &'a [TaperObject],
+    name: Option<&str>,
+) -> Result<&'a taper_crds::Dataset, CliError> {
+    let found: Vec<_> = objects
+        .iter()
+        .filter_map(|o| match o {
+            TaperObject::Dataset(d)
+                if name.is_none_or(|n| d.metadata.name.as_deref() == Some(n)) =>
+            {
+                Some(d.as_ref())
+            }
+            _ => None,
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(JobError::Spec("no (matching) Dataset in the file".into()).into()),
+        _ => Err(
+            JobError::Spec("several Datasets in the file; choose one with --name".into()).into(),
+        ),
+    }
+}
+
+/// The quickstart: the embedded pipeline's pretraining half, on this machine's CPU.
+fn quickstart(work_dir: PathBuf, stop_after: Option<u64>) -> Result<u8, CliError> {
+    let objects = load("embedded quickstart", QUICKSTART)?;
+    println!("Quickstart (examples/quickstart/pipeline.yaml):");
+    for object in &objects {
+        println!("  {}", describe(object));
+    }
+    let rt = runtime()?;
+    let pj = objects
+        .iter()
+        .find_map(|o| match o {
+            TaperObject::PretrainJob(pj) => Some(pj.as_ref()),
+            _ => None,
+        })
+        .ok_or_else(|| JobError::Spec("the quickstart has no PretrainJob".into()))?;
+    let ds = pick_dataset(&objects, Some(&pj.spec.dataset_ref.name))?;
+    let out = ds
+        .spec
+        .output
+        .as_ref()
+        .ok_or_else(|| JobError::Spec("the quickstart Dataset has no output".into()))?;
+    let store = rt
+        .block_on(taper_trainer::store::open(&out.uri, None))
+        .map_err(JobError::from)?;
+    if rt.block_on(store.get("manifest.json")).is_ok() {
+        println!(
+            "\n[1/3] Dataset {} is already prepared at {}",
+            ds.metadata.name.as_deref().unwrap_or_default(),
+            out.uri
+        );
+    } else {
+        println!(
+            "\n[1/3] Preparing Dataset {} → {}",
+            ds.metadata.name.as_deref().unwrap_or_default(),
+            out.uri
+        );
+        let stats = prepare::prepare(&rt, ds)?;
+        println!(
+            "      {} documents → {} train / {} test tokens",
+            stats.documents_read, stats.train_tokens, stats.test_tokens
+        );
+    }
+    let ckpt = pj.spec.checkpoints.uri.clone().unwrap_or_default();
+    println!(
+        "\n[2/3] Pretraining {} (progress as JSON lines; Ctrl-C checkpoints and stops, run again to resume)",
+        pj.metadata.name.as_deref().unwrap_or_default()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| JobError::Internal(format!("cannot install the signal handler: {e}")))?;
+    }
+    let opts = job::PretrainOptions {
+        name: None,
+        data: None,
+        checkpoints: None,
+        work_dir,
+        metrics_addr: None,
+        peak_flops: None,
+        stop_after,
+        namespace: "local".into(),
+        stop,
+    };
+    let outcome = job::pretrain(&rt, &objects, opts)?;
+    if let taper_trainer::train::pretrain::Outcome::Interrupted { step } = outcome {
+        println!(
+            "\nStopped at step {step} with a checkpoint in {ckpt}; run the quickstart again to resume."
+        );
+        return Ok(exit::RETRYABLE);
+    }
+    println!("\n[3/3] A sample from the model ({ckpt}):\n");
+    let text = generate::from_checkpoint(
+        &rt,
+        &ckpt,
+        "ROMEO:",
+        &SampleOptions {
+            max_tokens: 100,
+            temperature: 0.8,
+            top_k: 200,
+            seed: 1,
+        },
+    )?;
+    println!("{text}\n");
+    println!(
+        "Next: `taper generate --checkpoint {ckpt} --prompt ...`. The quickstart's FinetuneJob (LoRA on Alpaca) needs `taper finetune`, which is not built yet."
+    );
+    Ok(exit::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Validate { job } => {
@@ -267,18 +397,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             )?;
             println!("{text}");
         }
-        Command::Quickstart => {
-            let objects = load("embedded quickstart", QUICKSTART)?;
-            println!("The quickstart pipeline (examples/quickstart/pipeline.yaml) is valid:");
-            for object in &objects {
-                println!("  {}", describe(object));
-            }
-            println!(
-                "Running it end to end needs `taper prepare` (the dataset issue); until then this command \
-                 validates the pipeline and shows what it will run. `taper pretrain --job FILE --data URI` \
-                 trains on an already tokenized dataset."
-            );
+        Command::Prepare { job, name } => {
+            let objects = read_objects(&job)?;
+            let ds = pick_dataset(&objects, name.as_deref())?;
+            let rt = runtime()?;
+            let stats = prepare::prepare(&rt, ds)?;
+            println!("{}", serde_json::to_string(&stats).unwrap_or_default());
         }
+        Command::Quickstart {
+            work_dir,
+            stop_after,
+        } => return quickstart(work_dir, stop_after),
     }
     Ok(exit::SUCCESS)
 }

@@ -13,16 +13,59 @@ fn version_names_the_program() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("taper "));
 }
 
+/// The README's quickstart as a newcomer runs it: prepare Tiny Shakespeare, pretrain,
+/// stop (as Ctrl-C would) with a checkpoint, run again and resume at the same step.
 #[test]
-fn quickstart_validates_the_embedded_pipeline() {
-    let out = taper().arg("quickstart").output().expect("taper runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+fn quickstart_prepares_pretrains_stops_and_resumes() {
+    let Some(shared) = taper_e2e::shared_data_dir() else {
+        eprintln!(
+            "SKIP: ../shared/data is absent (a fresh clone); the quickstart reads tinyshakespeare.txt from it"
+        );
+        return;
+    };
+    // The pipeline's relative paths (`file://../shared/data/…`, `file://.taper/…`) resolve
+    // against the working directory: give it a private one with `../shared` beside it.
+    let tmp = common::TempDir::new("quickstart");
+    let cwd = tmp.path().join("checkout");
+    std::fs::create_dir_all(tmp.path().join("shared")).expect("dirs");
+    std::fs::create_dir_all(&cwd).expect("dirs");
+    std::os::unix::fs::symlink(&shared, tmp.path().join("shared/data")).expect("symlink");
+
+    let first = taper()
+        .current_dir(&cwd)
+        .args(["quickstart", "--stop-after", "2"])
+        .output()
+        .expect("taper runs");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert_eq!(
+        first.status.code(),
+        Some(75),
+        "stops with a checkpoint\n{stdout}\n{}",
+        String::from_utf8_lossy(&first.stderr)
     );
-    assert!(stdout.contains("PretrainJob shakespeare-mini"), "{stdout}");
+    assert!(stdout.contains("Preparing Dataset shakespeare"), "{stdout}");
+    assert!(
+        stdout.contains("\"reason\":\"Interrupted\",\"step\":2"),
+        "{stdout}"
+    );
+    let manifest = cwd.join(".taper/quickstart/datasets/shakespeare/manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
+    assert_eq!(manifest["tokenizer"], "gpt2");
+    assert!(manifest["train"][0]["tokens"].as_u64().expect("tokens") > 200_000);
+
+    let second = taper()
+        .current_dir(&cwd)
+        .args(["quickstart", "--stop-after", "3"])
+        .output()
+        .expect("taper runs");
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.contains("already prepared"), "{stdout}");
+    assert!(
+        stdout.contains("\"event\":\"resume\",\"step\":2"),
+        "resumes at step 2:\n{stdout}"
+    );
+    assert_eq!(second.status.code(), Some(75));
 }
 
 #[test]
@@ -50,4 +93,160 @@ fn validate_refuses_a_bad_manifest_naming_the_field() {
     assert!(stderr.contains("nHead must divide nEmbd"), "{stderr}");
     assert!(stderr.contains("PretrainJob bad"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+mod common;
+
+/// SIGTERM finishes the step, saves a checkpoint and exits 75; the next run resumes at that
+/// step. Meanwhile `/metrics` serves the training metrics with bounded labels.
+#[test]
+fn sigterm_checkpoints_and_exits_retryable_then_the_run_resumes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let tmp = common::TempDir::new("sigterm");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    common::byte_dataset(&data);
+    let job = tmp.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: sig}\nspec:\n  datasetRef: {name: d}\n  \
+         model: {preset: tiny, nLayer: 1, vocabSize: 256}\n  training: {batchSize: 2, gradientAccumulationSteps: 1, \
+         maxSteps: 100000, warmupSteps: 10, precision: f32}\n  evaluation: {interval: 100000, iterations: 1}\n",
+    )
+    .expect("job");
+    let ckpt = format!("file://{}", tmp.path().join("ckpt").display());
+    let args = |extra: &[&str]| {
+        let mut c = taper();
+        c.args(["pretrain", "--job"])
+            .arg(&job)
+            .arg("--data")
+            .arg(format!("file://{}", data.display()));
+        c.args(["--checkpoints", &ckpt, "--work-dir"])
+            .arg(tmp.path().join("work"))
+            .args(extra);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut child = args(&["--metrics-addr", "127.0.0.1:0"])
+        .spawn()
+        .expect("taper starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut err_lines = BufReader::new(stderr).lines();
+    let metrics_line = err_lines.next().expect("a line").expect("utf-8");
+    let addr = metrics_line
+        .rsplit("http://")
+        .next()
+        .expect("address")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // Wait for a few steps, then read the metrics and send SIGTERM.
+    for line in out.by_ref() {
+        let line = line.expect("utf-8");
+        if line.contains("\"event\":\"step\"") && line.contains("\"step\":3,") {
+            break;
+        }
+    }
+    let mut conn = std::net::TcpStream::connect(&addr).expect("metrics endpoint");
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).expect("response");
+    assert!(
+        body.contains("taper_train_loss{kind=\"PretrainJob\",name=\"sig\",namespace=\"local\"}"),
+        "{body}"
+    );
+    for metric in [
+        "taper_train_step",
+        "taper_train_tokens_total",
+        "taper_step_duration_seconds_bucket",
+        "taper_learning_rate",
+    ] {
+        assert!(body.contains(metric), "{metric} missing:\n{body}");
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let rest: Vec<String> = out.map(|l| l.expect("utf-8")).collect();
+    let code = child.wait().expect("exit").code();
+    assert_eq!(
+        code,
+        Some(75),
+        "retryable exit code; stdout tail: {:?}",
+        rest.last()
+    );
+    let done: serde_json::Value =
+        serde_json::from_str(rest.last().expect("a final line")).expect("json");
+    assert_eq!(done["reason"], "Interrupted");
+    let stopped_at = done["step"].as_u64().expect("step");
+    assert!(
+        rest.iter().any(|l| l.contains("\"event\":\"checkpoint\"")),
+        "a checkpoint was written on SIGTERM"
+    );
+
+    // The next run resumes from exactly that step.
+    let resumed = args(&["--stop-after", &(stopped_at + 1).to_string()])
+        .output()
+        .expect("taper runs");
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&resumed.stdout)
+            .lines()
+            .next()
+            .expect("a line"),
+    )
+    .expect("json");
+    assert_eq!(first["event"], "resume");
+    assert_eq!(first["step"].as_u64(), Some(stopped_at));
+    assert_eq!(resumed.status.code(), Some(75));
+
+    // And the checkpoint samples text.
+    let sample = taper()
+        .args([
+            "generate",
+            "--checkpoint",
+            &ckpt,
+            "--prompt",
+            "line ",
+            "--max-tokens",
+            "20",
+        ])
+        .output()
+        .expect("taper runs");
+    assert!(
+        sample.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sample.stderr)
+    );
+    let text = String::from_utf8_lossy(&sample.stdout);
+    assert!(
+        text.starts_with("line ") && text.trim_end().len() > "line ".len(),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn a_missing_dataset_is_a_permanent_data_error() {
+    let tmp = common::TempDir::new("nodata");
+    let job = tmp.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: x}\nspec:\n  datasetRef: {name: d}\n  \
+         model: {preset: tiny}\n  training: {maxSteps: 10, warmupSteps: 1}\n  checkpoints: {uri: \"file:///tmp/x\"}\n",
+    )
+    .expect("job");
+    let out = taper()
+        .args(["pretrain", "--job"])
+        .arg(&job)
+        .args(["--data", "file:///nonexistent/taper-data"])
+        .output()
+        .expect("taper runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/taper-data/manifest.json"),
+        "{stderr}"
+    );
 }
