@@ -197,3 +197,54 @@ fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_t
     );
     assert!(!store.path(&format!("{}/{MANIFEST}", dir_name(14))).exists());
 }
+
+#[test]
+fn a_diverging_loss_is_detected_and_not_trained_through() {
+    let rt = rt();
+    let tmp = TempDir::new("diverge");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+    let (manifest, train, test) = open_dataset(&data).expect("dataset");
+    let store = LocalStore::new(tmp.path().join("ckpt"));
+    let mut training = quick_training(50);
+    // An absurd learning rate without clipping blows the weights up within a few steps.
+    training.learning_rate = 1e30;
+    training.min_learning_rate = 1e30;
+    training.warmup_steps = 0;
+    training.grad_clip = 0.0;
+    let err = pretrain::run(
+        &rt,
+        PretrainRun {
+            model: tiny_model(),
+            training,
+            overfitting: Overfitting::default(),
+            checkpoint_interval: 1000,
+            keep: 1,
+            train: &train,
+            test: &test,
+            dataset_digest: manifest.digest.clone(),
+            tokenizer: manifest.tokenizer.clone(),
+            store: &store,
+            staging: tmp.path().join("s"),
+            device: Device::Cpu,
+            peak_flops: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            metrics: None,
+            stop_after: None,
+        },
+    )
+    .expect_err("the loss diverges");
+    assert!(
+        matches!(err, pretrain::PretrainError::Diverged(3, _)),
+        "{err}"
+    );
+    assert_eq!(
+        taper_trainer::job::JobError::Pretrain(err).exit_code(),
+        taper_crds::exit::LOSS_DIVERGED
+    );
+    assert!(
+        rt.block_on(store.list("")).expect("list").is_empty(),
+        "no checkpoint of a diverged model is written"
+    );
+}

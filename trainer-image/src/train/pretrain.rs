@@ -123,10 +123,57 @@ fn emit(event: serde_json::Value) {
     let _ = out.flush();
 }
 
-struct Tracker {
-    best: Option<f32>,
-    best_step: Option<u64>,
-    bad_evals: u32,
+/// What the overfitting policy decided after an evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The validation loss improved (a new best).
+    Improved,
+    /// No improvement, patience not exhausted (or the policy is `None`).
+    Continue,
+    /// Patience exhausted: multiply the learning rate by `factor`.
+    ReduceLearningRate,
+    /// Patience exhausted: stop with the best checkpoint.
+    StopEarly,
+}
+
+/// Best validation loss and evaluations without improvement: the overfitting policy's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tracker {
+    /// Lowest validation loss so far.
+    pub best: Option<f32>,
+    /// Step of the lowest validation loss.
+    pub best_step: Option<u64>,
+    /// Evaluations since the last improvement.
+    pub bad_evals: u32,
+}
+
+impl Tracker {
+    /// Record the validation loss of step `step` and decide, per `policy`. An improvement
+    /// smaller than `minDelta` does not count; after `ReduceLearningRate` the patience
+    /// starts over.
+    pub fn observe(&mut self, step: u64, val_loss: f32, policy: &Overfitting) -> Decision {
+        if self
+            .best
+            .is_none_or(|b| val_loss < b - policy.min_delta as f32)
+        {
+            self.best = Some(val_loss);
+            self.best_step = Some(step);
+            self.bad_evals = 0;
+            return Decision::Improved;
+        }
+        self.bad_evals += 1;
+        if self.bad_evals < policy.patience.max(1) as u32 {
+            return Decision::Continue;
+        }
+        match policy.action {
+            OverfittingAction::None => Decision::Continue,
+            OverfittingAction::ReduceLearningRate => {
+                self.bad_evals = 0;
+                Decision::ReduceLearningRate
+            }
+            OverfittingAction::StopEarly => Decision::StopEarly,
+        }
+    }
 }
 
 /// Run (or resume) pretraining. Progress goes to stdout as JSON lines:
@@ -137,11 +184,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     let params = init_params(&run.model, run.training.seed as u64, &run.device)?;
     let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;
     let mut trainer = Trainer::new(run.model, run.training.clone(), params, run.device.clone())?;
-    let mut tracker = Tracker {
-        best: None,
-        best_step: None,
-        bad_evals: 0,
-    };
+    let mut tracker = Tracker::default();
 
     if let Some(loaded) = rt.block_on(ckpt.resume(&run.device))? {
         if loaded.state.model != run.model {
@@ -173,6 +216,15 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     let flops = flops_per_token(&run.model, n_params);
     let mut non_finite = 0u32;
     let mut last_val: Option<f32>;
+    // Human progress on a terminal; the JSON lines on stdout are for machines.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(max_steps).with_position(trainer.step_count());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
 
     let save = |trainer: &Trainer,
                 tracker: &Tracker,
@@ -253,11 +305,18 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                 m.mfu.set(mfu);
             }
         }
-        emit(
-            json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                    "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
-                    "mfu": mfu, "seconds": secs}),
-        );
+        if let Some(bar) = &bar {
+            bar.set_position(stats.step);
+            bar.set_message(format!("loss {:.3}  {:.0} tok/s", stats.loss, tok_s));
+        }
+        // With a bar on an interactive terminal, per-step JSON would only scroll past it.
+        if bar.is_none() || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            emit(
+                json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                        "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
+                        "mfu": mfu, "seconds": secs}),
+            );
+        }
 
         let at_end = stats.step >= max_steps;
         let mut stop_early = false;
@@ -272,31 +331,19 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             if let Some(m) = run.metrics {
                 m.val_loss.set(val_loss as f64);
             }
-            improved = tracker
-                .best
-                .is_none_or(|b| val_loss < b - run.overfitting.min_delta as f32);
-            if improved {
-                tracker.best = Some(val_loss);
-                tracker.best_step = Some(stats.step);
-                tracker.bad_evals = 0;
-            } else {
-                tracker.bad_evals += 1;
-            }
-            let mut action = "none";
-            if tracker.bad_evals >= run.overfitting.patience.max(1) as u32 {
-                match run.overfitting.action {
-                    OverfittingAction::None => {}
-                    OverfittingAction::ReduceLearningRate => {
-                        trainer.scale_lr(run.overfitting.factor);
-                        tracker.bad_evals = 0;
-                        action = "reduceLearningRate";
-                    }
-                    OverfittingAction::StopEarly => {
-                        stop_early = true;
-                        action = "stopEarly";
-                    }
+            let decision = tracker.observe(stats.step, val_loss, &run.overfitting);
+            improved = decision == Decision::Improved;
+            let action = match decision {
+                Decision::ReduceLearningRate => {
+                    trainer.scale_lr(run.overfitting.factor);
+                    "reduceLearningRate"
                 }
-            }
+                Decision::StopEarly => {
+                    stop_early = true;
+                    "stopEarly"
+                }
+                Decision::Improved | Decision::Continue => "none",
+            };
             emit(
                 json!({"event": "eval", "step": stats.step, "trainLoss": train_loss, "valLoss": val_loss,
                         "bestValLoss": tracker.best, "bestStep": tracker.best_step, "action": action}),
@@ -316,6 +363,61 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         if interrupted && !at_end {
             emit(json!({"event": "done", "reason": "Interrupted", "step": stats.step}));
             return Ok(Outcome::Interrupted { step: stats.step });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(action: OverfittingAction) -> Overfitting {
+        Overfitting {
+            action,
+            patience: 2,
+            factor: 0.5,
+            min_delta: 0.01,
+        }
+    }
+
+    #[test]
+    fn stop_early_after_patience_evaluations_without_improvement() {
+        let p = policy(OverfittingAction::StopEarly);
+        let mut t = Tracker::default();
+        assert_eq!(t.observe(100, 3.0, &p), Decision::Improved);
+        assert_eq!(t.observe(200, 2.5, &p), Decision::Improved);
+        assert_eq!(
+            t.observe(300, 2.495, &p),
+            Decision::Continue,
+            "below minDelta is no improvement"
+        );
+        assert_eq!(t.observe(400, 2.6, &p), Decision::StopEarly);
+        assert_eq!(
+            (t.best, t.best_step),
+            (Some(2.5), Some(200)),
+            "the best is kept"
+        );
+    }
+
+    #[test]
+    fn reduce_learning_rate_restarts_patience_and_none_never_acts() {
+        let p = policy(OverfittingAction::ReduceLearningRate);
+        let mut t = Tracker::default();
+        t.observe(1, 2.0, &p);
+        assert_eq!(t.observe(2, 2.1, &p), Decision::Continue);
+        assert_eq!(t.observe(3, 2.2, &p), Decision::ReduceLearningRate);
+        assert_eq!(
+            t.observe(4, 2.3, &p),
+            Decision::Continue,
+            "patience starts over"
+        );
+        assert_eq!(t.observe(5, 2.3, &p), Decision::ReduceLearningRate);
+
+        let p = policy(OverfittingAction::None);
+        let mut t = Tracker::default();
+        t.observe(1, 2.0, &p);
+        for step in 2..10 {
+            assert_eq!(t.observe(step, 3.0, &p), Decision::Continue);
         }
     }
 }
