@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::sync::{Arc, atomic::AtomicBool};
-
 use candle_core::Device;
-use common::{TempDir, byte_dataset, quick_training, tiny_model};
+use common::{TempDir, byte_dataset, quick_training, tiny_run};
 use taper_crds::training::Overfitting;
 use taper_trainer::{
     store::{LocalStore, ObjectStore},
@@ -38,25 +36,16 @@ fn run_job(
     pretrain::run(
         rt,
         PretrainRun {
-            model: tiny_model(),
-            training: quick_training(max_steps),
-            overfitting: Overfitting {
-                action: taper_crds::training::OverfittingAction::None,
-                ..Overfitting::default()
-            },
             checkpoint_interval: interval,
-            keep: 2,
-            train: &train,
-            test: &test,
-            dataset_digest: manifest.digest.clone(),
-            tokenizer: manifest.tokenizer.clone(),
-            store,
-            staging: staging.to_path_buf(),
-            device: Device::Cpu,
-            peak_flops: None,
-            stop: Arc::new(AtomicBool::new(false)),
-            metrics: None,
             stop_after,
+            ..tiny_run(
+                &manifest,
+                &train,
+                &test,
+                store,
+                staging.to_path_buf(),
+                max_steps,
+            )
         },
     )
     .expect("pretraining runs")
@@ -216,22 +205,10 @@ fn a_diverging_loss_is_detected_and_not_trained_through() {
     let err = pretrain::run(
         &rt,
         PretrainRun {
-            model: tiny_model(),
             training,
             overfitting: Overfitting::default(),
             checkpoint_interval: 1000,
-            keep: 1,
-            train: &train,
-            test: &test,
-            dataset_digest: manifest.digest.clone(),
-            tokenizer: manifest.tokenizer.clone(),
-            store: &store,
-            staging: tmp.path().join("s"),
-            device: Device::Cpu,
-            peak_flops: None,
-            stop: Arc::new(AtomicBool::new(false)),
-            metrics: None,
-            stop_after: None,
+            ..tiny_run(&manifest, &train, &test, &store, tmp.path().join("s"), 50)
         },
     )
     .expect_err("the loss diverges");

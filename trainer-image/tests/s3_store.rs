@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::sync::{Arc, atomic::AtomicBool};
-
 use candle_core::Device;
-use common::{TempDir, byte_dataset, quick_training, tiny_model};
+use common::{TempDir, byte_dataset, tiny_run};
 use taper_crds::exit;
 use taper_e2e::minio::Minio;
 use taper_trainer::{
@@ -129,22 +127,16 @@ fn s3_store_against_minio() {
         pretrain::run(
             &rt,
             PretrainRun {
-                model: tiny_model(),
-                training: quick_training(8),
                 overfitting: Default::default(),
-                checkpoint_interval: 4,
-                keep: 2,
-                train: &train,
-                test: &test,
-                dataset_digest: manifest.digest.clone(),
-                tokenizer: manifest.tokenizer.clone(),
-                store: &store,
-                staging: tmp.path().join(staging),
-                device: Device::Cpu,
-                peak_flops: None,
-                stop: Arc::new(AtomicBool::new(false)),
-                metrics: None,
                 stop_after,
+                ..tiny_run(
+                    &manifest,
+                    &train,
+                    &test,
+                    &store,
+                    tmp.path().join(staging),
+                    8,
+                )
             },
         )
     };

@@ -23,8 +23,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// Suffix of in-flight files; they are never listed.
 const TMP_MARK: &str = ".taper-tmp-";
 
-/// Write `data` to `path` atomically: a temporary sibling, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+/// Publish `path` atomically: `fill` writes a temporary sibling, which is fsynced and
+/// renamed over `path`, so readers see the old object or the whole new one.
+fn publish_atomic(
+    path: &Path,
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let name = path
@@ -32,27 +36,20 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!("{name}{TMP_MARK}{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(data).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn copy_atomic(from: &Path, to: &Path) -> Result<(), StoreError> {
-    let dir = to.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = to
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!("{name}{TMP_MARK}{}", std::process::id()));
-    std::fs::copy(from, &tmp).map_err(io(from))?;
+    fill(&tmp).map_err(io(&tmp))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, to).map_err(io(to))
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Write `data` to `path` atomically.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    publish_atomic(path, |tmp| std::fs::File::create(tmp)?.write_all(data))
+}
+
+fn copy_atomic(from: &Path, to: &Path) -> Result<(), StoreError> {
+    publish_atomic(to, |tmp| std::fs::copy(from, tmp).map(|_| ()))
 }
 
 impl LocalStore {

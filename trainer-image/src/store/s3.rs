@@ -135,6 +135,26 @@ impl S3Store {
         join(&self.prefix, key)
     }
 
+    /// Start reading `full`; a missing key is [`StoreError::NotFound`].
+    async fn get_object(
+        &self,
+        full: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StoreError> {
+        self.client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    StoreError::NotFound(format!("s3://{}/{full}", self.bucket))
+                } else {
+                    s3_err("get-object", full, e)
+                }
+            })
+    }
+
     async fn put_multipart(&self, key: &str, path: &Path, size: u64) -> Result<(), StoreError> {
         let full = self.full(key);
         let created = self
@@ -307,20 +327,7 @@ impl ObjectStore for S3Store {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, StoreError>> {
         Box::pin(async move {
             let full = self.full(key);
-            let out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                        StoreError::NotFound(format!("s3://{}/{full}", self.bucket))
-                    } else {
-                        s3_err("get-object", &full, e)
-                    }
-                })?;
+            let out = self.get_object(&full).await?;
             let bytes = out
                 .body
                 .collect()
@@ -338,20 +345,7 @@ impl ObjectStore for S3Store {
         Box::pin(async move {
             use std::io::Write;
             let full = self.full(key);
-            let mut out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                        StoreError::NotFound(format!("s3://{}/{full}", self.bucket))
-                    } else {
-                        s3_err("get-object", &full, e)
-                    }
-                })?;
+            let mut out = self.get_object(&full).await?;
             let io = |source| StoreError::Io {
                 path: path.display().to_string(),
                 source,

@@ -3,11 +3,20 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, atomic::AtomicBool};
 use taper_crds::{
     model::GptConfig,
     training::{Precision, ResolvedTraining},
 };
-use taper_trainer::train::data::{DatasetManifest, ShardInfo, TokenDtype, write_u16_shard};
+
+use candle_core::Device;
+use taper_trainer::{
+    store::ObjectStore,
+    train::{
+        data::{DatasetManifest, ShardInfo, TokenDtype, TokenSplit, write_u16_shard},
+        pretrain::PretrainRun,
+    },
+};
 
 /// A fresh temporary folder, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -104,5 +113,38 @@ pub fn quick_training(max_steps: i64) -> ResolvedTraining {
         seed: 7,
         eval_interval: 4,
         eval_iterations: 2,
+    }
+}
+
+/// A CPU run of [`tiny_model`] on a [`byte_dataset`]: no overfitting action, checkpoints
+/// every 4 steps keeping 2, no metrics. Tests override fields with struct update syntax.
+pub fn tiny_run<'a>(
+    manifest: &DatasetManifest,
+    train: &'a TokenSplit,
+    test: &'a TokenSplit,
+    store: &'a dyn ObjectStore,
+    staging: PathBuf,
+    max_steps: i64,
+) -> PretrainRun<'a> {
+    PretrainRun {
+        model: tiny_model(),
+        training: quick_training(max_steps),
+        overfitting: taper_crds::training::Overfitting {
+            action: taper_crds::training::OverfittingAction::None,
+            ..Default::default()
+        },
+        checkpoint_interval: 4,
+        keep: 2,
+        train,
+        test,
+        dataset_digest: manifest.digest.clone(),
+        tokenizer: manifest.tokenizer.clone(),
+        store,
+        staging,
+        device: Device::Cpu,
+        peak_flops: None,
+        stop: Arc::new(AtomicBool::new(false)),
+        metrics: None,
+        stop_after: None,
     }
 }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds `taper` with `--features cuda` on a machine without a CUDA installation, using
+# NVIDIA's CUDA 13 compiler and libraries from PyPI (the cu12 wheels ship no nvcc).
+#
+#   trainer-image/scripts/build-cuda.sh            # release build: target/release/taper
+#   trainer-image/scripts/build-cuda.sh check      # cargo check --features cuda only
+#
+# Environment: CUDA_COMPUTE_CAP (default 90, H100), TAPER_CUDA_DIR (default .cuda).
+# Everything lands in the git-ignored .cuda/: a virtual environment with the wheels and a
+# toolkit-shaped folder of links. The wheels ship versioned library names only, so the
+# unversioned names the linker looks for are added as links, and libcuda.so (which comes
+# with the driver, not the toolkit) as a stub built from the driver API's symbol list.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+dir=${TAPER_CUDA_DIR:-$root/.cuda}
+mode=${1:-build}
+wheels=(nvidia-cuda-nvcc==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-nvvm==13.5.37 nvidia-cuda-runtime==13.5.37
+        nvidia-cuda-cccl==13.3.5.0.6 nvidia-cuda-nvrtc==13.5.37 nvidia-cublas==13.10.0.20 nvidia-curand==10.4.4.72)
+
+if [ ! -x "$dir/venv/bin/python" ] || [ "$(cat "$dir/.wheels" 2>/dev/null)" != "${wheels[*]}" ]; then
+  python3 -m venv "$dir/venv"
+  "$dir/venv/bin/pip" install -q "${wheels[@]}"
+  echo "${wheels[*]}" >"$dir/.wheels"
+fi
+cu=$("$dir/venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+
+# A toolkit-shaped folder: bin/, include/, nvvm/, lib64/ with unversioned names.
+tk=$dir/toolkit
+mkdir -p "$tk/lib64"
+for d in bin include nvvm; do ln -sfn "$cu/$d" "$tk/$d"; done
+for lib in "$cu"/lib/*.so.*; do
+  base=$(basename "$lib"); ln -sf "$lib" "$tk/lib64/$base"; ln -sf "$lib" "$tk/lib64/${base%%.so.*}.so"
+done
+ln -sfn "$cu/lib" "$tk/lib"
+if [ ! -e "$tk/lib64/libcuda.so" ]; then
+  # Stub of the driver library: every cu* function the CUDA headers declare, doing nothing.
+  # Only the link uses it; at run time the real driver's libcuda.so.1 is loaded.
+  grep -ohE '^(extern )?CUresult CUDAAPI cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | awk '{print $NF}' | sort -u \
+    | sed 's/.*/void &(void) {}/' >"$tk/libcuda-stub.c"
+  cc -shared -fPIC -o "$tk/lib64/libcuda.so" "$tk/libcuda-stub.c"
+fi
+
+export CUDA_HOME=$tk CUDA_PATH=$tk CUDA_ROOT=$tk
+export PATH=$tk/bin:$PATH
+export LIBRARY_PATH=$tk/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}
+export LD_LIBRARY_PATH=$tk/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# cudarc must be told a CUDA version it knows; 13.4's API covers what candle uses.
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13040}
+nvcc --version | tail -n 2
+
+cd "$root"
+case "$mode" in
+  check) cargo check -p taper-trainer --features cuda ;;
+  build) cargo build --release -p taper-trainer --features cuda --target-dir target/cuda
+         echo "built $root/target/cuda/release/taper (compute capability $CUDA_COMPUTE_CAP)" ;;
+  *) echo "usage: $0 [build|check]" >&2; exit 2 ;;
+esac
