@@ -200,8 +200,11 @@ impl<'a> Checkpointer<'a> {
             })?;
         std::fs::write(local.join(FILES[2]), state_json).map_err(io(&local.join(FILES[2])))?;
 
-        // A previous attempt at this step may have died after some files: its manifest
-        // is absent, so it was never a checkpoint; the files below replace it.
+        // A folder for this step may exist: a previous attempt that died before its
+        // manifest (never a checkpoint), or a checkpoint that resume found corrupt and
+        // training has now passed again. Its manifest goes first, so that no manifest ever
+        // describes files that are being replaced.
+        self.store.delete(&join(&dir, MANIFEST)).await?;
         let mut files = Vec::new();
         for name in FILES {
             let path = local.join(name);
@@ -256,12 +259,12 @@ impl<'a> Checkpointer<'a> {
         Ok(out)
     }
 
-    async fn fetch_verified(
+    async fn fetch_verified_in(
         &self,
+        local: &Path,
         listed: &Listed,
         device: &Device,
     ) -> Result<Loaded, CheckpointError> {
-        let local = self.staging.join(format!("restore-{}", listed.dir));
         let mut paths = BTreeMap::new();
         for entry in &listed.manifest.files {
             let path = local.join(&entry.name);
@@ -297,13 +300,24 @@ impl<'a> Checkpointer<'a> {
             what: format!("{}/state.json", listed.dir),
             source,
         })?;
-        std::fs::remove_dir_all(&local).ok();
         Ok(Loaded {
             dir: listed.dir.clone(),
             state,
             model,
             optimizer,
         })
+    }
+
+    /// Download and verify `listed`; the local copies are removed whatever the outcome.
+    async fn fetch_verified(
+        &self,
+        listed: &Listed,
+        device: &Device,
+    ) -> Result<Loaded, CheckpointError> {
+        let local = self.staging.join(format!("restore-{}", listed.dir));
+        let result = self.fetch_verified_in(&local, listed, device).await;
+        let _ = std::fs::remove_dir_all(&local);
+        result
     }
 
     /// The newest complete and intact checkpoint, or `None` when there is none. A
