@@ -35,6 +35,16 @@ else
   failed=$((failed + 1)); failures+=("cargo clippy (see $log_dir/clippy.log)")
 fi
 
+if [ "${TAPER_CUDA_CHECK:-0}" = 1 ]; then
+  # Opt-in: the CUDA kernels take about 11 minutes to compile on 2 cores.
+  step "trainer-image/scripts/build-cuda.sh check (TAPER_CUDA_CHECK=1)"
+  if trainer-image/scripts/build-cuda.sh check >"$log_dir/cuda.log" 2>&1; then
+    passed=$((passed + 1))
+  else
+    tail -n 40 "$log_dir/cuda.log"; failed=$((failed + 1)); failures+=("cargo check --features cuda (see $log_dir/cuda.log)")
+  fi
+fi
+
 step "cargo test --workspace"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log_dir/test.log"
 test_rc=${PIPESTATUS[0]}
