@@ -4,8 +4,9 @@
 //!
 //! Not yet here (the dataset issue): cleaning and quality filters, deduplication,
 //! `s3://`/`https://` sources, zstd/parquet/StackExchange formats, instruction datasets.
-//! A spec that asks for them is refused with a message that says so; `stats.json` records
-//! which stages ran.
+//! Sources, formats and tokenizers it cannot handle are refused with a message that says
+//! so; the `cleaning` and `dedup` settings are not applied yet, and `stats.json` lists the
+//! stages that did run.
 
 use std::{collections::BTreeMap, io::BufRead, path::Path};
 
