@@ -4,7 +4,7 @@
 # Outputs go to e2e/.bin/ (git-ignored, or $TAPER_TOOLS_DIR); each tool is skipped when
 # the pinned version in e2e/versions.env is already built there.
 #
-#   e2e/scripts/build-tools.sh [minio ...]     # default: every tool
+#   e2e/scripts/build-tools.sh [minio|etcd ...]   # default: the tools the tests use (minio)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../versions.env
@@ -23,11 +23,23 @@ build_minio() {
   stamp minio "$MINIO_VERSION"
 }
 
+build_etcd() {
+  if stamp_ok etcd "$ETCD_VERSION"; then echo "etcd $ETCD_VERSION: cached"; return; fi
+  grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION\$" "$here/tools/etcd/go.mod" || {
+    echo "e2e/tools/etcd/go.mod does not require etcd $ETCD_VERSION: run (cd e2e/tools/etcd && go get go.etcd.io/etcd/server/v3@$ETCD_VERSION && go mod tidy)" >&2
+    return 1
+  }
+  echo "etcd $ETCD_VERSION: building"
+  (cd "$here/tools/etcd" && go build -trimpath -o "$bin/etcd" .)
+  stamp etcd "$ETCD_VERSION"
+}
+
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(minio)
 for t in "${tools[@]}"; do
   case "$t" in
     minio) build_minio ;;
+    etcd) build_etcd ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
 done
