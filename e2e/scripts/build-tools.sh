@@ -4,7 +4,7 @@
 # Outputs go to e2e/.bin/ (git-ignored, or $TAPER_TOOLS_DIR); each tool is skipped when
 # the pinned version in e2e/versions.env is already built there.
 #
-#   e2e/scripts/build-tools.sh [minio|etcd ...]   # default: the tools the tests use (minio)
+#   e2e/scripts/build-tools.sh [minio|etcd|kube ...]   # default: the tools the tests use (minio)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../versions.env
@@ -34,12 +34,44 @@ build_etcd() {
   stamp etcd "$ETCD_VERSION"
 }
 
+build_kube() {
+  local v=$KUBE_VERSION staging=v0.${KUBE_VERSION#v1.}
+  if stamp_ok kube-apiserver "$v" && stamp_ok kube-controller-manager "$v"; then echo "kubernetes $v: cached"; return; fi
+  echo "kubernetes $v: generating the wrapper module"
+  local src=$bin/kube-src gomod
+  mkdir -p "$src"
+  gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json, sys; print(json.load(sys.stdin)["GoMod"])')
+  {
+    echo "module taper.dev/e2e/kube"
+    echo
+    echo "go 1.24"
+    echo
+    echo "require k8s.io/kubernetes $v"
+    echo
+    echo "replace ("
+    # k8s.io/kubernetes points each staging module at ./staging/src/...; point them at the
+    # published module of the same release instead.
+    grep -E '^[[:space:]]+k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/' "$gomod" \
+      | awk -v sv="$staging" '{print "\t" $1 " => " $1 " " sv}'
+    echo ")"
+  } >"$src/go.mod"
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1
+    -X k8s.io/component-base/version.gitMinor=$(echo "$v" | cut -d. -f2) -X k8s.io/component-base/version.gitTreeState=clean
+    -X k8s.io/client-go/pkg/version.gitVersion=$v"
+  for cmd in kube-apiserver kube-controller-manager; do
+    echo "kubernetes $v: building $cmd (many minutes on 2 cores)"
+    (cd "$src" && GOFLAGS="-mod=mod -buildvcs=false" go build -trimpath -ldflags "$ldflags" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
+    stamp "$cmd" "$v"
+  done
+}
+
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(minio)
 for t in "${tools[@]}"; do
   case "$t" in
     minio) build_minio ;;
     etcd) build_etcd ;;
+    kube) build_kube ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
 done
