@@ -4,7 +4,7 @@
 # Outputs go to e2e/.bin/ (git-ignored, or $TAPER_TOOLS_DIR); each tool is skipped when
 # the pinned version in e2e/versions.env is already built there.
 #
-#   e2e/scripts/build-tools.sh [minio|etcd|kube ...]   # default: the tools the tests use (minio)
+#   e2e/scripts/build-tools.sh [minio|etcd|kube|helm ...]   # default: the tools the tests use (minio)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../versions.env
@@ -65,6 +65,14 @@ build_kube() {
   done
 }
 
+build_helm() {
+  if stamp_ok helm "$HELM_VERSION"; then echo "helm $HELM_VERSION: cached"; return; fi
+  echo "helm $HELM_VERSION: building"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  stamp helm "$HELM_VERSION"
+}
+
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(minio)
 for t in "${tools[@]}"; do
@@ -72,6 +80,7 @@ for t in "${tools[@]}"; do
     minio) build_minio ;;
     etcd) build_etcd ;;
     kube) build_kube ;;
+    helm) build_helm ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
 done
