@@ -4,7 +4,7 @@
 # Outputs go to e2e/.bin/ (git-ignored, or $TAPER_TOOLS_DIR); each tool is skipped when
 # the pinned version in e2e/versions.env is already built there.
 #
-#   e2e/scripts/build-tools.sh [minio|etcd|kube|helm ...]   # default: the tools the tests use (minio)
+#   e2e/scripts/build-tools.sh [minio|etcd|kube|helm|prometheus ...]   # default: all of them
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../versions.env
@@ -73,14 +73,33 @@ build_helm() {
   stamp helm "$HELM_VERSION"
 }
 
+build_prometheus() {
+  if stamp_ok prometheus "$PROMETHEUS_DEB_VERSION" && stamp_ok promtool "$PROMETHEUS_DEB_VERSION"; then
+    echo "prometheus $PROMETHEUS_DEB_VERSION: cached"; return
+  fi
+  # Debian's package, fetched with apt-get and unpacked without installing it: no root, and
+  # no service that a package script would start.
+  echo "prometheus $PROMETHEUS_DEB_VERSION: fetching Debian's package"
+  local dl; dl=$(mktemp -d)
+  (cd "$dl" && apt-get download -q "prometheus=$PROMETHEUS_DEB_VERSION" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+  ls "$dl"/prometheus_*.deb >/dev/null 2>&1 || { echo "apt-get download prometheus=$PROMETHEUS_DEB_VERSION failed (is the Debian index current? try apt-get update)" >&2; return 1; }
+  dpkg-deb -x "$dl"/prometheus_*.deb "$dl/root"
+  for cmd in prometheus promtool; do
+    install -m 0755 "$dl/root/usr/bin/$cmd" "$bin/$cmd"
+    stamp "$cmd" "$PROMETHEUS_DEB_VERSION"
+  done
+  rm -rf "$dl"
+}
+
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(minio)
+[ ${#tools[@]} -gt 0 ] || tools=(minio etcd kube helm prometheus)
 for t in "${tools[@]}"; do
   case "$t" in
     minio) build_minio ;;
     etcd) build_etcd ;;
     kube) build_kube ;;
     helm) build_helm ;;
+    prometheus) build_prometheus ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
 done

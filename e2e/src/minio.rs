@@ -1,13 +1,14 @@
 //! A real MinIO server for tests, built by `e2e/scripts/build-tools.sh minio`, on a free
-//! loopback port with a temporary data folder; killed (and its folder removed) on drop.
+//! loopback port with a temporary data folder; stopped (and its folder removed) on drop.
 
 use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
+
+use crate::process::Proc;
 
 /// Access key of the test server.
 pub const ACCESS_KEY: &str = "taper-test";
@@ -17,7 +18,7 @@ pub const SECRET_KEY: &str = "taper-test-secret";
 /// A running MinIO.
 #[derive(Debug)]
 pub struct Minio {
-    child: Child,
+    proc: Proc,
     dir: PathBuf,
     port: u16,
 }
@@ -32,26 +33,6 @@ pub fn tools_dir() -> PathBuf {
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
-            .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).ok()?;
-    std::str::from_utf8(&buf[..n])
-        .ok()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 impl Minio {
@@ -69,46 +50,37 @@ impl Minio {
         let console = free_port().map_err(|e| format!("no free port: {e}"))?;
         let dir = std::env::temp_dir().join(format!("taper-minio-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let log = std::fs::File::create(dir.with_extension("log"))
-            .map_err(|e| format!("minio log: {e}"))?;
-        let child = Command::new(&bin)
-            .args([
-                "server",
-                "--quiet",
-                "--address",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--console-address", &format!("127.0.0.1:{console}")])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["server", "--quiet", "--address"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--console-address")
+            .arg(format!("127.0.0.1:{console}"))
             .arg(dir.join("data"))
             .env("MINIO_ROOT_USER", ACCESS_KEY)
             .env("MINIO_ROOT_PASSWORD", SECRET_KEY)
             .env("MINIO_BROWSER", "off")
-            .env("MINIO_UPDATE", "off")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut server = Self { child, dir, port };
+            .env("MINIO_UPDATE", "off");
+        let proc = Proc::spawn("minio", cmd, &dir.join("minio.log")).map_err(|e| e.to_string())?;
+        let mut server = Self { proc, dir, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!(
-                    "minio exited with {status}; see {}",
-                    server.dir.with_extension("log").display()
-                ));
-            }
-            if http_get_status(port, "/minio/health/live") == Some(200) {
+            server.proc.check_alive().map_err(|e| e.to_string())?;
+            if crate::http::get(port, "/minio/health/live").map(|r| r.0) == Some(200) {
                 return Ok(server);
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err("minio did not become live within 60 s".into())
+        Err(server.proc.timeout(60).to_string())
     }
 
     /// The S3 endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id (tests check that nothing outlives the suite).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// Set the AWS environment variables of this process so that the default credential
@@ -128,9 +100,7 @@ impl Minio {
 
 impl Drop for Minio {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_file(self.dir.with_extension("log"));
     }
 }

@@ -32,12 +32,18 @@ for lib in "$cu"/lib/*.so.*; do
   base=$(basename "$lib"); ln -sf "$lib" "$tk/lib64/$base"; ln -sf "$lib" "$tk/lib64/${base%%.so.*}.so"
 done
 ln -sfn "$cu/lib" "$tk/lib"
-if [ ! -e "$tk/lib64/libcuda.so" ]; then
-  # Stub of the driver library: every cu* function the CUDA headers declare, doing nothing.
-  # Only the link uses it; at run time the real driver's libcuda.so.1 is loaded.
-  grep -ohE '^(extern )?CUresult CUDAAPI cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | awk '{print $NF}' | sort -u \
-    | sed 's/.*/void &(void) {}/' >"$tk/libcuda-stub.c"
+# Stub of the driver library: every cu* function the CUDA headers declare, doing nothing,
+# under both its plain name and the versioned name cuda.h maps it to (`#define cuMemAlloc
+# cuMemAlloc_v2`), which is the symbol callers actually reference. Only the link uses it;
+# at run time the real driver's libcuda.so.1 is loaded.
+{ grep -ohE '^(extern )?CUresult CUDAAPI cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | awk '{print $NF}'
+  grep -ohE '^#define[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]*$' "$cu/include/cuda.h" | awk '{print $3}'
+} | sort -u | sed 's/.*/void &(void) {}/' >"$tk/libcuda-stub.c.new"
+if ! cmp -s "$tk/libcuda-stub.c.new" "$tk/libcuda-stub.c" || [ ! -e "$tk/lib64/libcuda.so" ]; then
+  mv "$tk/libcuda-stub.c.new" "$tk/libcuda-stub.c"
   cc -shared -fPIC -o "$tk/lib64/libcuda.so" "$tk/libcuda-stub.c"
+else
+  rm -f "$tk/libcuda-stub.c.new"
 fi
 
 export CUDA_HOME=$tk CUDA_PATH=$tk CUDA_ROOT=$tk

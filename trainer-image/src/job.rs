@@ -94,6 +94,8 @@ pub struct PretrainOptions {
     pub stop_after: Option<u64>,
     /// Namespace label for metrics.
     pub namespace: String,
+    /// `cpu`, `cuda` or `cuda:N`; default: the first GPU when there is one.
+    pub device: Option<String>,
     /// Set on SIGTERM.
     pub stop: Arc<AtomicBool>,
 }
@@ -105,6 +107,34 @@ pub fn default_device() -> Device {
         return d;
     }
     Device::Cpu
+}
+
+/// The device named by `spec` (`cpu`, `cuda`, `cuda:N`), or [`default_device`] for `None`.
+/// Naming a GPU that this build or machine does not have is an error, never a silent
+/// fallback to the CPU.
+pub fn select_device(spec: Option<&str>) -> Result<Device, JobError> {
+    let Some(spec) = spec.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(default_device());
+    };
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                JobError::Spec(format!("device {spec:?}: expected cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(JobError::Spec(format!(
+                "device {spec:?}: expected cpu, cuda or cuda:N"
+            )));
+        }
+    };
+    Device::new_cuda(ordinal)
+        .map_err(|e| JobError::Spec(format!("device {spec:?} is not available: {e}")))
 }
 
 /// Make the dataset at `uri` available locally: a `file://` folder is used in place; an
@@ -216,7 +246,7 @@ pub fn pretrain(
             model.vocab_size, manifest.vocab_size
         )));
     }
-    let device = default_device();
+    let device = select_device(opts.device.as_deref())?;
     let mut training = job.spec.resolved_training();
     if device.is_cpu() {
         training.precision = taper_crds::training::Precision::F32;

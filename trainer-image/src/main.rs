@@ -114,6 +114,9 @@ struct PretrainArgs {
     /// Namespace label of the metrics.
     #[arg(long, env = "TAPER_NAMESPACE", default_value = "local")]
     namespace: String,
+    /// Device to train on: `cpu`, `cuda` or `cuda:N` (default: the first GPU if any).
+    #[arg(long, env = "TAPER_DEVICE")]
+    device: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +316,7 @@ fn quickstart(work_dir: PathBuf, stop_after: Option<u64>) -> Result<u8, CliError
         peak_flops: None,
         stop_after,
         namespace: "local".into(),
+        device: None,
         stop,
     };
     let outcome = job::pretrain(&rt, &objects, opts)?;
@@ -366,6 +370,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 peak_flops: args.peak_tflops.map(|t| t * 1e12),
                 stop_after: args.stop_after,
                 namespace: args.namespace,
+                device: args.device,
                 stop,
             };
             let outcome = job::pretrain(&rt, &objects, opts)?;

@@ -1,0 +1,118 @@
+//! A real Prometheus for tests (Debian's package, unpacked by `e2e/scripts/build-tools.sh
+//! prometheus`), with a configuration the suite writes, on a free loopback port.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    minio::{free_port, tools_dir},
+    process::Proc,
+};
+
+/// A running Prometheus.
+#[derive(Debug)]
+pub struct Prometheus {
+    proc: Proc,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Prometheus {
+    /// Start Prometheus scraping `targets` (`host:port`, path `/metrics`) every second under
+    /// the job name `job`; the configuration is checked with `promtool` first.
+    pub fn start(job: &str, targets: &[String]) -> Result<Self, String> {
+        let bin = tools_dir().join("prometheus");
+        let promtool = tools_dir().join("promtool");
+        for b in [&bin, &promtool] {
+            if !b.exists() {
+                return Err(format!(
+                    "{} is missing: run e2e/scripts/build-tools.sh prometheus",
+                    b.display()
+                ));
+            }
+        }
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let dir =
+            std::env::temp_dir().join(format!("taper-prometheus-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let config = serde_json::json!({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": job, "scrape_interval": "1s",
+                                "static_configs": [{"targets": targets}]}],
+        });
+        let path = dir.join("prometheus.yml");
+        let text = serde_yaml::to_string(&config).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let check = Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("promtool: {e}"))?;
+        if !check.status.success() {
+            return Err(format!(
+                "promtool check config: {}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            ));
+        }
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("--config.file={}", path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn");
+        let proc = Proc::spawn("prometheus", cmd, &dir.join("prometheus.log"))
+            .map_err(|e| e.to_string())?;
+        let mut server = Self { proc, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            server.proc.check_alive().map_err(|e| e.to_string())?;
+            if crate::http::get(port, "/-/ready").map(|r| r.0) == Some(200) {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(server.proc.timeout(60).to_string())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Base URL of the web API.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Run an instant query (`/api/v1/query`) and return the JSON answer.
+    pub fn query(&self, promql: &str) -> Result<serde_json::Value, String> {
+        let q: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = crate::http::get(self.port, &format!("/api/v1/query?query={q}"))
+            .ok_or("prometheus did not answer")?;
+        if status != 200 {
+            return Err(format!("query {promql:?}: HTTP {status}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("query {promql:?}: {e}: {body}"))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.proc.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
