@@ -124,7 +124,19 @@ pub struct Source {
 }
 
 /// A switchable quality rule (Gopher- and C4-style, as in datatrove).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum QualityRule {
     /// Gopher: word count within `[minWords, maxWords]`.

@@ -62,6 +62,27 @@ fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// [`eventually`], printing `context()` when it times out.
+fn eventually_or<T>(
+    secs: u64,
+    what: &str,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn tools_present() -> bool {
     let dir = taper_e2e::minio::tools_dir();
     let missing: Vec<_> = ["etcd", "kube-apiserver", "kube-controller-manager"]
@@ -405,6 +426,12 @@ fn printer_columns(crd_file: &Path) -> Vec<(String, i64)> {
 }
 
 fn step(name: &str) {
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = *last {
+        println!("  ({:.1} s)", t.elapsed().as_secs_f64());
+    }
+    *last = Some(Instant::now());
     println!("step: {name}");
 }
 
@@ -421,6 +448,8 @@ async fn control_plane_suite() {
     step("start etcd, kube-apiserver and kube-controller-manager");
     let plane = ControlPlane::start(ClusterOptions {
         service_accounts: vec![("taper-system".into(), "taper-operator".into())],
+        // TAPER_E2E_KEEP=1 keeps certificates, logs and pod folders for a post-mortem.
+        keep_dir: std::env::var_os("TAPER_E2E_KEEP").is_some(),
         ..Default::default()
     })
     .await
@@ -521,6 +550,18 @@ async fn control_plane_suite() {
     .await
     .expect("delete");
 
+    step(
+        "a trainer pod: Secret/ConfigMap env, fieldRef, volumes; deletion sends SIGTERM and it checkpoints",
+    );
+    let kc = kubeconfig.clone();
+    let taper2 = taper.clone();
+    let corpus = plane.dir().join("corpus");
+    let log = runner.log_path("train", "pretrain", "trainer");
+    let bad_log = runner.log_path("train", "bad-job", "trainer");
+    tokio::task::spawn_blocking(move || trainer_pod_checks(&kc, &taper2, &corpus, &log, &bad_log))
+        .await
+        .expect("trainer pod checks");
+
     step("stop everything; no component process is left");
     runner.shutdown().await;
     drop(admin);
@@ -533,22 +574,38 @@ async fn control_plane_suite() {
             "process {pid} outlived the control plane"
         );
     }
-    for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+    // Also anything an earlier test binary of this run leaked (MinIO, Prometheus): a
+    // component of the suite whose parent is this process or gone (re-parented to init).
+    let me = std::process::id().to_string();
+    for name in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "minio",
+        "prometheus",
+    ] {
         let out = Command::new("pgrep")
             .args(["-x", name])
             .output()
             .expect("pgrep");
-        let mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.contains("taper-cluster-"))
+                let ours = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    ["taper-cluster-", "taper-minio-", "taper-prometheus-"]
+                        .iter()
+                        .any(|m| c.contains(m))
+                });
+                let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit(") ").next()?.split(' ').nth(1).map(str::to_string));
+                ours && ppid.is_some_and(|p| p == "1" || p == me)
             })
             .map(str::to_string)
             .collect();
         assert!(
-            mine.is_empty(),
-            "pgrep found {name} still running: {mine:?}"
+            left.is_empty(),
+            "pgrep found {name} still running: {left:?}"
         );
     }
     println!("  suite took {:.1} s", started.elapsed().as_secs_f64());
@@ -817,4 +874,229 @@ fn pod_checks(kubeconfig: &Path) {
             (reason == "ErrImageNeverPull").then_some(())
         },
     );
+}
+
+fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path, bad_log: &Path) {
+    // A small synthetic corpus, prepared on the host with the same binary.
+    std::fs::create_dir_all(corpus).expect("corpus dir");
+    let mut text = String::new();
+    for i in 0..400 {
+        text.push_str(&format!(
+            "Paragraph {i}: the operator turns each resource into pods, and pod {i} trains a model.\n\n"
+        ));
+    }
+    std::fs::write(corpus.join("corpus.txt"), text).expect("corpus");
+    let data = corpus.join("dataset");
+    let dataset = format!(
+        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata:\n  name: synthetic\nspec:\n  sources:\n    - name: synthetic\n      uri: file://{}\n      format: text\n  split:\n    testSize: 0.1\n  output:\n    uri: file://{}\n",
+        corpus.join("corpus.txt").display(),
+        data.display()
+    );
+    std::fs::write(corpus.join("dataset.yaml"), dataset).expect("dataset yaml");
+    let out = Command::new(taper)
+        .args(["prepare", "--job"])
+        .arg(corpus.join("dataset.yaml"))
+        .output()
+        .expect("taper prepare runs");
+    assert!(
+        out.status.success(),
+        "taper prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let job = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: e2e\nspec:\n  datasetRef:\n    name: synthetic\n  model:\n    preset: tiny\n  training:\n    batchSize: 2\n    maxSteps: 100000\n    warmupSteps: 10\n  evaluation:\n    interval: 100000\n    iterations: 1\n  checkpoints:\n    interval: 100000\n";
+    let bad = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: bad\nspec:\n  datasetRef:\n    name: synthetic\n  model:\n    preset: tiny\n  training:\n    learningRate: 0.0\n";
+    let metrics_port = taper_e2e::minio::free_port().expect("port");
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "train",
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "metrics", "namespace": "train"},
+            "stringData": {"addr": format!("127.0.0.1:{metrics_port}")}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "job", "namespace": "train"},
+            "data": {"job.yaml": job, "bad.yaml": bad, "data": data.display().to_string()}},
+    ]});
+    ok(
+        &kubectl(
+            kubeconfig,
+            &["apply", "-f", "-"],
+            Some(&objects.to_string()),
+        ),
+        "namespace, secret, configmap",
+    );
+    eventually(60, "the default service account exists in train", || {
+        kubectl(
+            kubeconfig,
+            &["get", "serviceaccount", "-n", "train", "default"],
+            None,
+        )
+        .status
+        .success()
+        .then_some(())
+    });
+    let secure = json!({"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    let pod = |name: &str, args: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "train"},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 60,
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "volumes": [{"name": "job", "configMap": {"name": "job", "items": [
+                            {"key": "job.yaml", "path": "job.yaml"}, {"key": "bad.yaml", "path": "bad.yaml"}]}},
+                        {"name": "work", "emptyDir": {}}],
+            "containers": [{"name": "trainer", "image": "taper-trainer:0.1.0", "args": args,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "env": [
+                    {"name": "TAPER_METRICS_ADDR", "valueFrom": {"secretKeyRef": {"name": "metrics", "key": "addr"}}},
+                    {"name": "TAPER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "DATA", "valueFrom": {"configMapKeyRef": {"name": "job", "key": "data"}}},
+                ],
+                "volumeMounts": [{"name": "job", "mountPath": "/etc/taper"}, {"name": "work", "mountPath": "/work"}],
+                "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                "securityContext": secure}]}})
+    };
+    let train = pod(
+        "pretrain",
+        json!([
+            "pretrain",
+            "--job",
+            "/etc/taper/job.yaml",
+            "--data",
+            "file://$(DATA)",
+            "--checkpoints",
+            "file:///work/checkpoints",
+            "--work-dir",
+            "/work/tmp",
+            "--device",
+            "cpu"
+        ]),
+    );
+    ok(
+        &kubectl(kubeconfig, &["apply", "-f", "-"], Some(&train.to_string())),
+        "pretrain pod",
+    );
+    // The metrics address came from the Secret and the namespace label from the downward API.
+    let describe = || {
+        let pod = kubectl(
+            kubeconfig,
+            &["get", "pod", "-n", "train", "pretrain", "-o", "yaml"],
+            None,
+        );
+        format!(
+            "{}\nlog:\n{}",
+            String::from_utf8_lossy(&pod.stdout),
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    };
+    let scraped = eventually_or(
+        120,
+        "the trainer pod serves metrics with step >= 2",
+        describe,
+        || {
+            let phase = kubectl(
+                kubeconfig,
+                &[
+                    "get",
+                    "pod",
+                    "-n",
+                    "train",
+                    "pretrain",
+                    "-o",
+                    "jsonpath={.status.phase}",
+                ],
+                None,
+            );
+            assert_ne!(
+                String::from_utf8_lossy(&phase.stdout),
+                "Failed",
+                "the trainer pod failed:\n{}",
+                describe()
+            );
+            let (status, body) = taper_e2e::http::get(metrics_port, "/metrics")?;
+            let step = body.lines().find(|l| l.starts_with("taper_train_step{"))?;
+            let value: f64 = step.rsplit(' ').next()?.parse().ok()?;
+            (status == 200 && value >= 2.0).then_some(body)
+        },
+    );
+    assert!(scraped.contains("namespace=\"train\""), "{scraped}");
+    let phase = ok(
+        &kubectl(
+            kubeconfig,
+            &[
+                "get",
+                "pod",
+                "-n",
+                "train",
+                "pretrain",
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+            None,
+        ),
+        "phase",
+    );
+    assert_eq!(phase, "Running");
+    ok(
+        &kubectl(
+            kubeconfig,
+            &[
+                "delete",
+                "pod",
+                "-n",
+                "train",
+                "pretrain",
+                "--wait=true",
+                "--timeout=120s",
+            ],
+            None,
+        ),
+        "delete the running trainer pod",
+    );
+    let text = std::fs::read_to_string(log).expect("trainer log");
+    assert!(
+        text.contains("\"event\":\"checkpoint\""),
+        "no checkpoint after SIGTERM:\n{text}"
+    );
+    assert!(
+        text.contains("\"reason\":\"Interrupted\""),
+        "not interrupted by SIGTERM:\n{text}"
+    );
+    assert!(
+        taper_e2e::http::get(metrics_port, "/metrics").is_none(),
+        "the trainer outlived its pod"
+    );
+
+    // A failing container: exit code and a termination message from its log.
+    let failing = pod(
+        "bad-job",
+        json!(["validate", "--job", "/etc/taper/bad.yaml"]),
+    );
+    ok(
+        &kubectl(
+            kubeconfig,
+            &["apply", "-f", "-"],
+            Some(&failing.to_string()),
+        ),
+        "bad-job pod",
+    );
+    let term = eventually(90, "the bad-job pod fails", || {
+        let out = ok(
+            &kubectl(
+                kubeconfig,
+                &["get", "pod", "-n", "train", "bad-job", "-o", "json"],
+                None,
+            ),
+            "get pod",
+        );
+        let pod: Value = serde_json::from_str(&out).ok()?;
+        (pod["status"]["phase"] == "Failed")
+            .then(|| pod["status"]["containerStatuses"][0]["state"]["terminated"].clone())
+    });
+    assert_eq!(term["exitCode"], 2, "{term}");
+    assert!(
+        term["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("learningRate")),
+        "{term}"
+    );
+    assert!(std::fs::read_to_string(bad_log).is_ok_and(|l| l.contains("learningRate")));
 }

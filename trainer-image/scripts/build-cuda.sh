@@ -38,10 +38,13 @@ ln -sfn "$cu/lib" "$tk/lib"
 # at run time the real driver's libcuda.so.1 is loaded.
 { grep -ohE '^(extern )?CUresult CUDAAPI cu[A-Za-z0-9_]+' "$cu/include/cuda.h" | awk '{print $NF}'
   grep -ohE '^#define[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]+cu[A-Za-z0-9_]+[[:space:]]*$' "$cu/include/cuda.h" | awk '{print $3}'
+  # …and those behind the per-thread-stream macro: __CUDA_API_PTSZ(cuMemcpyDtoHAsync_v2).
+  grep -ohE '__CUDA_API_PT[SD]Z?\(cu[A-Za-z0-9_]+\)' "$cu/include/cuda.h" | sed -E 's/.*\((cu[A-Za-z0-9_]+)\)/\1/'
 } | sort -u | sed 's/.*/void &(void) {}/' >"$tk/libcuda-stub.c.new"
-if ! cmp -s "$tk/libcuda-stub.c.new" "$tk/libcuda-stub.c" || [ ! -e "$tk/lib64/libcuda.so" ]; then
+if ! cmp -s "$tk/libcuda-stub.c.new" "$tk/libcuda-stub.c" || ! readelf -d "$tk/lib64/libcuda.so" 2>/dev/null | grep -q "SONAME.*libcuda.so.1"; then
   mv "$tk/libcuda-stub.c.new" "$tk/libcuda-stub.c"
-  cc -shared -fPIC -o "$tk/lib64/libcuda.so" "$tk/libcuda-stub.c"
+  # The soname makes binaries ask for libcuda.so.1, the name every driver install provides.
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tk/lib64/libcuda.so" "$tk/libcuda-stub.c"
 else
   rm -f "$tk/libcuda-stub.c.new"
 fi

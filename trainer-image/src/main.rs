@@ -49,6 +49,12 @@ enum Command {
         /// Which Dataset of the file, when it holds several.
         #[arg(long)]
         name: Option<String>,
+        /// Report what each stage would drop on a sample, without tokenizing or writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Records read per source in a dry run.
+        #[arg(long, default_value_t = 1000)]
+        sample: u64,
     },
     /// Sample text from a checkpoint.
     Generate {
@@ -402,12 +408,27 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             )?;
             println!("{text}");
         }
-        Command::Prepare { job, name } => {
+        Command::Prepare {
+            job,
+            name,
+            dry_run,
+            sample,
+        } => {
             let objects = read_objects(&job)?;
             let ds = pick_dataset(&objects, name.as_deref())?;
+            if dry_run {
+                let selected = prepare::select_documents_with(ds, Some(sample))?;
+                println!(
+                    "Dry run on the first {sample} records of each source (nothing written):\n"
+                );
+                print!("{}", prepare::summary_table(&selected.stats));
+                return Ok(exit::SUCCESS);
+            }
             let rt = runtime()?;
             let stats = prepare::prepare(&rt, ds)?;
+            // JSON on stdout for the operator; a table for people on stderr.
             println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            eprint!("{}", prepare::summary_table(&stats));
         }
         Command::Quickstart {
             work_dir,
