@@ -22,6 +22,8 @@ mkdir -p "$res" "$dev/work"
 log=$res/device-check.log
 : >"$log"
 STEPS=${STEPS:-30} BATCH=${BATCH:-8} ABS_TOL=${ABS_TOL:-0.02} REL_TOL=${REL_TOL:-0.01}
+# GPU=cpu rehearses the script on a machine without a GPU (everything "GPU" runs on the CPU).
+GPU=${GPU:-cuda}
 [ -x "$dev/taper" ] || { echo "run.sh: $dev/taper is missing: run prepare.sh on the build machine and carry .device" >&2; exit 1; }
 
 # The binary links libcublas/libcurand/libnvrtc of CUDA 13: take them from PyTorch's wheels.
@@ -98,21 +100,21 @@ taper_run() { # name preset batch steps warmup device
 
 echo "== (a) correctness: tiny GPT, 50 steps, cpu vs cuda" | tee -a "$log"
 taper_run check tiny 8 50 5 cpu
-taper_run check tiny 8 50 5 cuda
+taper_run check tiny 8 50 5 "$GPU"
 
 echo "== (b) speed: GPT-2 small, f32, batch $BATCH, $STEPS steps" | tee -a "$log"
-peak_mem taper_run speed gpt2-small "$BATCH" "$STEPS" 3 cuda >"$dev/work/speed.peak" 2>&1
+peak_mem taper_run speed gpt2-small "$BATCH" "$STEPS" $(( STEPS < 3 ? STEPS : 3 )) "$GPU" >"$dev/work/speed.peak" 2>&1
 cat "$dev/work/speed.peak" >>"$log"
 
 echo "== (c) PyTorch reference, same shape and tokens" | tee -a "$log"
-ref() { python3 "$dev/torch_gpt_ref.py" --device cuda --layers 12 --heads 12 --embd 768 --block 1024 \
+ref() { python3 "$dev/torch_gpt_ref.py" --device "$GPU" --layers 12 --heads 12 --embd 768 --block 1024 \
           --vocab 50304 --batch "$BATCH" --steps "$STEPS" --data "$dev/data/train.bin" "$@"; }
 peak_mem ref --dtype bf16 --sdpa >"$dev/work/torch-bf16.out" 2>&1; cat "$dev/work/torch-bf16.out" >>"$log"
 peak_mem ref --dtype f32 --sdpa >"$dev/work/torch-f32.out" 2>&1; cat "$dev/work/torch-f32.out" >>"$log"
 
-python3 - "$dev/work" "$ABS_TOL" "$REL_TOL" "$STEPS" "$BATCH" <<'PY' | tee "$res/device-check.md"
+python3 - "$dev/work" "$ABS_TOL" "$REL_TOL" "$STEPS" "$BATCH" "$GPU" <<'PY' | tee "$res/device-check.md"
 import json, re, statistics, sys
-work, abs_tol, rel_tol, steps, batch = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+work, abs_tol, rel_tol, steps, batch, device = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 
 def events(path):
     out = []
@@ -135,7 +137,7 @@ def peak(path):
     except OSError:
         return "?"
 
-cpu, gpu = events(f"{work}/check-cpu/events.jsonl"), events(f"{work}/check-cuda/events.jsonl")
+cpu, gpu = events(f"{work}/check-cpu/events.jsonl"), events(f"{work}/check-{device}/events.jsonl")
 print("# Taper device check\n")
 print("## (a) CPU vs CUDA, tiny GPT, same seed, 50 steps\n")
 if len(cpu) == 50 and len(gpu) == 50:
@@ -153,9 +155,9 @@ else:
 print(f"## (b, c) GPT-2 small (124M, block 1024, batch {batch}), {steps} steps, same H100\n")
 print("| trainer | precision | ms/step | tokens/s | MFU (vs 989 TFLOPS) | peak GPU memory | final loss |")
 print("|---|---|---:|---:|---:|---:|---:|")
-sp = events(f"{work}/speed-cuda/events.jsonl")
-if len(sp) > 5:
-    rest = sp[5:]
+sp = events(f"{work}/speed-{device}/events.jsonl")
+if sp:
+    rest = sp[5:] if len(sp) > 5 else sp
     tok = statistics.median(e["tokensPerSecond"] for e in rest)
     mfu = statistics.median(e["mfu"] or 0 for e in rest)
     ms = batch * 1024 / tok * 1e3
