@@ -888,7 +888,7 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
     std::fs::write(corpus.join("corpus.txt"), text).expect("corpus");
     let data = corpus.join("dataset");
     let dataset = format!(
-        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata:\n  name: synthetic\nspec:\n  sources:\n    - name: synthetic\n      uri: file://{}\n      format: text\n  split:\n    testSize: 0.1\n  output:\n    uri: file://{}\n",
+        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata:\n  name: synthetic\nspec:\n  sources:\n    - name: synthetic\n      uri: file://{}\n      format: text\n  cleaning:\n    disable: [gopherWordCount, gopherStopWords, c4TerminalPunctuation, c4ShortLines]\n  dedup:\n    minhash:\n      enabled: false\n  split:\n    testSize: 0.1\n  output:\n    uri: file://{}\n",
         corpus.join("corpus.txt").display(),
         data.display()
     );
