@@ -40,7 +40,8 @@ pub enum SourceFormat {
     /// Apache Parquet (the Hugging Face layout of Wikipedia, Alpaca and others).
     #[serde(rename = "parquet")]
     Parquet,
-    /// Plain UTF-8 text; documents are separated by one or more blank lines.
+    /// Plain UTF-8 text; documents are separated by one or more blank lines, and a WikiText
+    /// article heading (a line ` = Title = `) starts a new one.
     #[serde(rename = "text")]
     Text,
     /// A JSON array of Alpaca records `{instruction, input, output}`.

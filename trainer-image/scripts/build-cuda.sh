@@ -14,8 +14,11 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 dir=${TAPER_CUDA_DIR:-$root/.cuda}
 mode=${1:-build}
-wheels=(nvidia-cuda-nvcc==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-nvvm==13.5.37 nvidia-cuda-runtime==13.5.37
-        nvidia-cuda-cccl==13.3.5.0.6 nvidia-cuda-nvrtc==13.5.37 nvidia-cublas==13.10.0.20 nvidia-curand==10.4.4.72)
+# The oldest CUDA 13 release: candle loads its kernels as PTX, which the driver compiles at
+# run time and refuses when the PTX is newer than the driver, so the binary built with
+# 13.0 runs on every CUDA 13 driver (libcublas/libcurand are taken from the machine).
+wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.88
+        nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35)
 
 if [ ! -x "$dir/venv/bin/python" ] || [ "$(cat "$dir/.wheels" 2>/dev/null)" != "${wheels[*]}" ]; then
   python3 -m venv "$dir/venv"
@@ -54,8 +57,9 @@ export PATH=$tk/bin:$PATH
 export LIBRARY_PATH=$tk/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}
 export LD_LIBRARY_PATH=$tk/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-# cudarc must be told a CUDA version it knows; 13.4's API covers what candle uses.
-export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13040}
+# cudarc must be told the CUDA version it binds to: the toolkit's, so that the binary asks
+# the driver for nothing newer than 13.0.
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 nvcc --version | tail -n 2
 
 cd "$root"

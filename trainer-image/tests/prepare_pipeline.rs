@@ -246,3 +246,111 @@ fn minhash_precision_and_recall_against_exact_jaccard() {
     eprintln!("near the threshold ({bpairs} duplicate pairs): precision {bp:.3}, recall {br:.3}");
     assert!(bp >= 0.95, "precision near the threshold {bp}");
 }
+
+#[test]
+fn stackexchange_dumps_become_question_threads() {
+    let Some(data) = shared() else {
+        return;
+    };
+    let ds = dataset(json!({
+        "sources": [
+            {"name": "beer", "uri": format!("file://{}", data.join("qa-sample.xml").display()),
+             "format": "stackexchange-xml", "quality": {"field": "Score", "minimum": 1}},
+            {"name": "coffee", "uri": format!("file://{}", data.join("qa-sample-coffee.xml").display()),
+             "format": "stackexchange-xml"},
+        ],
+        "cleaning": all_rules_off(),
+        "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
+        "split": {"testSize": 0.1},
+    }));
+    let p = prepare::select_documents(&ds).expect("prepare");
+    let s = &p.stats;
+    assert_eq!(
+        s.sources["beer"].read, 663,
+        "one document per question: {s:?}"
+    );
+    assert!(
+        s.sources["beer"]
+            .dropped
+            .get("qualityThreshold")
+            .is_some_and(|&n| n > 0)
+    );
+    assert!(s.sources["coffee"].read > 0);
+    assert!(s.balanced());
+    // The BOM, CRLF and escaped HTML are gone; questions carry their answers.
+    let citra = p
+        .train
+        .iter()
+        .chain(&p.test)
+        .find(|d| d.starts_with("What is a citra hop"));
+    let citra = citra.expect("the first beer question");
+    assert!(!citra.contains('\u{FEFF}') && !citra.contains('\r') && !citra.contains("&lt;"));
+    assert!(
+        citra.split("\n\n").count() >= 3,
+        "title, question and at least one answer: {citra}"
+    );
+}
+
+#[test]
+fn json_arrays_stream_records() {
+    let Some(data) = shared() else {
+        return;
+    };
+    let ds = dataset(json!({
+        "sources": [{"name": "alpaca", "uri": format!("file://{}", data.join("alpaca-sample.json").display()),
+                     "format": "json", "textField": "output"}],
+        "cleaning": all_rules_off(),
+        "dedup": {"exact": false, "minhash": {"enabled": false}, "decontamination": {"enabled": false}},
+        "split": {"testSize": 0.1},
+    }));
+    let p = prepare::select_documents(&ds).expect("prepare");
+    assert_eq!(p.stats.documents_read, 5000);
+    assert_eq!(
+        p.stats.dropped.get("empty"),
+        Some(&2),
+        "the sample has 2 empty outputs"
+    );
+    assert_eq!(p.train.len() + p.test.len(), 4998);
+}
+
+#[test]
+fn a_mixed_dataset_publishes_shards_the_trainer_reads() {
+    let Some(data) = shared() else {
+        return;
+    };
+    let out = std::env::temp_dir().join(format!("taper-prepare-mixed-{}", std::process::id()));
+    let src = |name: &str, file: &str, format: &str| json!({"name": name, "uri": format!("file://{}", data.join(file).display()), "format": format});
+    let ds = dataset(json!({
+        "sources": [
+            src("web", "webtext-sample.jsonl", "jsonl"),
+            src("beer", "qa-sample.xml", "stackexchange-xml"),
+            src("coffee", "qa-sample-coffee.xml", "stackexchange-xml"),
+            src("wiki", "wikitext2-test.raw", "text"),
+        ],
+        "split": {"testSize": 0.05},
+        "output": {"uri": format!("file://{}", out.display())},
+    }));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stats = prepare::prepare(&rt, &ds).expect("prepare");
+    eprintln!("{}", prepare::summary_table(&stats));
+    assert!(stats.balanced(), "every document accounted for: {stats:?}");
+    for name in ["web", "beer", "coffee", "wiki"] {
+        assert!(
+            stats.sources[name].kept > 0,
+            "{name} contributes: {stats:?}"
+        );
+    }
+    let (manifest, train, test) =
+        taper_trainer::train::data::open_dataset(&out).expect("the trainer reads it");
+    assert_eq!(train.len(), stats.train_tokens);
+    assert_eq!(test.len(), stats.test_tokens);
+    assert_eq!(manifest.tokenizer, "gpt2");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("stats.json")).expect("stats.json"))
+            .expect("json");
+    assert_eq!(written["trainTokens"], stats.train_tokens);
+    let _ = std::fs::remove_dir_all(&out);
+}

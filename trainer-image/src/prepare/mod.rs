@@ -31,6 +31,7 @@ use crate::{
 
 pub mod clean;
 pub mod dedup;
+pub mod stackexchange;
 
 /// GPT-2's end-of-text token, placed after every document.
 pub const GPT2_EOT: u32 = 50256;
@@ -204,6 +205,80 @@ fn open_reader(
     Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, raw)))
 }
 
+/// A WikiText article heading: ` = Title = ` (one `=` on each side; sections have more).
+fn is_wikitext_article_heading(line: &str) -> bool {
+    let t = line.trim();
+    t.len() > 4
+        && t.starts_with("= ")
+        && t.ends_with(" =")
+        && !t.starts_with("= =")
+        && !t.ends_with("= =")
+}
+
+/// A document from one JSON record (a JSON-lines line or an array element): `None` when it
+/// is malformed or below the quality threshold (counted either way).
+fn record_doc(
+    source: &Source,
+    index: usize,
+    record: Option<serde_json::Value>,
+    position: &str,
+    stats: &mut PrepareStats,
+) -> Option<Doc> {
+    let name = source.name.as_str();
+    let text = record
+        .as_ref()
+        .and_then(|v| dotted(v, &source.text_field).and_then(|t| t.as_str().map(str::to_string)));
+    let (Some(record), Some(text)) = (record, text) else {
+        stats.drop_doc(name, "malformed", "");
+        if stats.dropped["malformed"] as usize <= REPORTED_MALFORMED {
+            eprintln!(
+                "taper: source {name}: {position}: not JSON with a string at {:?}; skipped",
+                source.text_field
+            );
+        }
+        return None;
+    };
+    if let Some(q) = &source.quality {
+        match quality_value(&record, q) {
+            Some(v) if v >= q.minimum => {}
+            _ => {
+                stats.drop_doc(name, "qualityThreshold", &text);
+                return None;
+            }
+        }
+    }
+    let url = source
+        .url_field
+        .as_deref()
+        .and_then(|f| dotted(&record, f))
+        .and_then(|u| u.as_str())
+        .filter(|u| !u.trim().is_empty())
+        .map(str::to_string);
+    Some(Doc {
+        source: index,
+        text,
+        url,
+    })
+}
+
+/// Visits the elements of a JSON array one at a time.
+struct ArrayVisitor<F>(F);
+
+impl<'de, F: FnMut(serde_json::Value)> serde::de::Visitor<'de> for ArrayVisitor<F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+            (self.0)(v);
+        }
+        Ok(())
+    }
+}
+
 /// Read one source into `docs`: empty and malformed records and those below the quality
 /// threshold are counted and skipped.
 fn read_source(
@@ -236,7 +311,7 @@ fn read_source(
                     break;
                 }
                 let line = line.map_err(io_err)?;
-                if line.trim().is_empty() {
+                if line.trim().is_empty() || is_wikitext_article_heading(&line) {
                     if !current.is_empty() {
                         read += 1;
                         push(
@@ -247,6 +322,10 @@ fn read_source(
                             },
                             stats,
                         );
+                    }
+                    if !line.trim().is_empty() {
+                        current.push_str(line.trim());
+                        current.push('\n');
                     }
                 } else {
                     current.push_str(&line);
@@ -276,45 +355,67 @@ fn read_source(
                 }
                 read += 1;
                 let record = serde_json::from_str::<serde_json::Value>(&line).ok();
-                let text = record.as_ref().and_then(|v| {
-                    dotted(v, &source.text_field).and_then(|t| t.as_str().map(str::to_string))
-                });
-                let (Some(record), Some(text)) = (record, text) else {
-                    stats.drop_doc(name, "malformed", "");
-                    let n = stats.dropped["malformed"];
-                    if n as usize <= REPORTED_MALFORMED {
-                        eprintln!(
-                            "taper: source {name}: line {}: not JSON with a string at {:?}; skipped",
-                            i + 1,
-                            source.text_field
-                        );
-                    }
-                    continue;
-                };
-                if let Some(q) = &source.quality {
-                    match quality_value(&record, q) {
-                        Some(v) if v >= q.minimum => {}
-                        _ => {
-                            stats.drop_doc(name, "qualityThreshold", &text);
-                            continue;
-                        }
-                    }
+                if let Some(doc) =
+                    record_doc(source, index, record, &format!("line {}", i + 1), stats)
+                {
+                    push(doc, stats);
                 }
-                let url = source
-                    .url_field
-                    .as_deref()
-                    .and_then(|f| dotted(&record, f))
-                    .and_then(|u| u.as_str())
-                    .filter(|u| !u.trim().is_empty())
-                    .map(str::to_string);
-                push(
-                    Doc {
-                        source: index,
-                        text,
-                        url,
-                    },
-                    stats,
+            }
+        }
+        SourceFormat::Json => {
+            // A JSON array, streamed element by element.
+            use serde::de::Deserializer as _;
+            let mut de = serde_json::Deserializer::from_reader(reader);
+            let mut n = 0u64;
+            let visitor = ArrayVisitor(|record: serde_json::Value| {
+                if read >= limit {
+                    return;
+                }
+                n += 1;
+                read += 1;
+                if let Some(doc) =
+                    record_doc(source, index, Some(record), &format!("element {n}"), stats)
+                {
+                    push(doc, stats);
+                }
+            });
+            de.deserialize_seq(visitor).map_err(|e| {
+                JobError::Data(format!(
+                    "source {name}: {}: not a JSON array of objects: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        SourceFormat::StackexchangeXml => {
+            let threads =
+                stackexchange::read_threads(reader, source.quality.as_ref().map(|q| q.minimum))
+                    .map_err(|e| {
+                        JobError::Data(format!("source {name}: {}: {e}", path.display()))
+                    })?;
+            for t in threads.threads {
+                if read >= limit {
+                    break;
+                }
+                read += 1;
+                if t.below_threshold {
+                    stats.drop_doc(name, "qualityThreshold", &t.text);
+                } else {
+                    push(
+                        Doc {
+                            source: index,
+                            text: t.text,
+                            url: None,
+                        },
+                        stats,
+                    );
+                }
+            }
+            if threads.malformed > 0 {
+                eprintln!(
+                    "taper: source {name}: {} malformed rows skipped",
+                    threads.malformed
                 );
+                *stats.dropped.entry("malformedRows".into()).or_default() += threads.malformed;
             }
         }
         other => {
