@@ -70,7 +70,9 @@ async fn up(dir: Option<PathBuf>, taper_bin: Option<PathBuf>) -> anyhow::Result<
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // Readiness polling makes the client log every refused connection.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
         )
         .init();
     let cli = Cli::parse();
