@@ -16,8 +16,10 @@ use std::{
 
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::time::Instant;
 use taper_crds::{
     Dataset,
     dataset::{Aggregate, DatasetFormat, QualityThreshold, Source, SourceFormat, TokenizerKind},
@@ -57,6 +59,8 @@ pub struct StageStats {
     pub documents_in: u64,
     /// Documents that left it.
     pub documents_out: u64,
+    /// Wall-clock seconds the stage took.
+    pub seconds: f64,
 }
 
 /// Per-source accounting: every document read is either kept or dropped for one reason.
@@ -131,11 +135,13 @@ impl PrepareStats {
         }
     }
 
-    fn stage(&mut self, name: &str, documents_in: usize, documents_out: usize) {
+    /// Record a stage that started at `started`.
+    fn stage(&mut self, name: &str, documents_in: usize, documents_out: usize, started: Instant) {
         self.stages.push(StageStats {
             name: name.to_string(),
             documents_in: documents_in as u64,
             documents_out: documents_out as u64,
+            seconds: started.elapsed().as_secs_f64(),
         });
     }
 
@@ -476,6 +482,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
     let mut stats = PrepareStats::default();
     let mut docs = Vec::new();
+    let t = Instant::now();
     for (i, source) in spec.sources.iter().enumerate() {
         let path = source.uri.strip_prefix("file://").ok_or_else(|| {
             JobError::Spec(format!(
@@ -485,14 +492,16 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         })?;
         read_source(Path::new(path), i, source, limit, &mut stats, &mut docs)?;
     }
-    stats.stage("read", stats.documents_read as usize, docs.len());
+    stats.stage("read", stats.documents_read as usize, docs.len(), t);
 
-    // Cleaning: markup, Unicode, whitespace, boilerplate.
+    // Cleaning: markup, Unicode, whitespace, boilerplate (in parallel; the rayon pool has
+    // one thread per core unless RAYON_NUM_THREADS says otherwise).
+    let t = Instant::now();
     let filter = clean::QualityFilter::new(&spec.cleaning, false);
     let n_in = docs.len();
+    let texts: Vec<String> = docs.par_iter().map(|d| filter.clean(&d.text)).collect();
     let mut cleaned = Vec::with_capacity(docs.len());
-    for mut d in docs {
-        let text = filter.clean(&d.text);
+    for (mut d, text) in docs.into_iter().zip(texts) {
         if text.trim().is_empty() {
             stats.drop_doc(names[d.source], "emptyAfterCleaning", &d.text);
         } else {
@@ -501,9 +510,10 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         }
     }
     let mut docs = cleaned;
-    stats.stage("clean", n_in, docs.len());
+    stats.stage("clean", n_in, docs.len(), t);
 
     if spec.dedup.url {
+        let t = Instant::now();
         let n_in = docs.len();
         let mut seen = HashSet::new();
         docs.retain(|d| match &d.url {
@@ -513,9 +523,10 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
             }
             _ => true,
         });
-        stats.stage("urlDedup", n_in, docs.len());
+        stats.stage("urlDedup", n_in, docs.len(), t);
     }
     if spec.dedup.exact {
+        let t = Instant::now();
         let n_in = docs.len();
         let mut seen = HashSet::new();
         docs.retain(|d| {
@@ -526,14 +537,16 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
                 false
             }
         });
-        stats.stage("exactDedup", n_in, docs.len());
+        stats.stage("exactDedup", n_in, docs.len(), t);
     }
 
     // Quality rules (Gopher, then C4's line and document rules) and the length bounds.
+    let t = Instant::now();
     let n_in = docs.len();
+    let verdicts: Vec<clean::Verdict> = docs.par_iter().map(|d| filter.judge(&d.text)).collect();
     let mut kept = Vec::with_capacity(docs.len());
-    for mut d in docs {
-        match filter.judge(&d.text) {
+    for (mut d, verdict) in docs.into_iter().zip(verdicts) {
+        match verdict {
             Err(rule) => stats.drop_doc(names[d.source], &clean::rule_name(rule), &d.text),
             Ok(text) if !filter.length_ok(&text) => {
                 stats.drop_doc(names[d.source], "length", &text)
@@ -545,10 +558,11 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         }
     }
     let mut docs = kept;
-    stats.stage("quality", n_in, docs.len());
+    stats.stage("quality", n_in, docs.len(), t);
 
     let mh = &spec.dedup.minhash;
     if mh.enabled {
+        let t = Instant::now();
         let n_in = docs.len();
         let params = dedup::MinHashParams::new(
             mh.ngram.max(1) as usize,
@@ -557,10 +571,10 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         );
         let hasher = dedup::MinHasher::new(params);
         let sets: Vec<Vec<u64>> = docs
-            .iter()
+            .par_iter()
             .map(|d| dedup::shingles(&d.text, params.ngram))
             .collect();
-        let signatures: Vec<Vec<u64>> = sets.iter().map(|s| hasher.signature(s)).collect();
+        let signatures: Vec<Vec<u64>> = sets.par_iter().map(|s| hasher.signature(s)).collect();
         let keep = dedup::near_duplicates(&signatures, params, |i, j| {
             dedup::jaccard(&sets[i], &sets[j]) >= params.threshold
         });
@@ -574,7 +588,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
             k
         });
         stats.minhash = Some([params.ngram, params.bands, params.rows]);
-        stats.stage("minhashDedup", n_in, docs.len());
+        stats.stage("minhashDedup", n_in, docs.len(), t);
     }
     if docs.is_empty() {
         return Err(JobError::Data(format!(
@@ -584,6 +598,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     }
 
     // Document-level split, deterministic in the seed.
+    let t = Instant::now();
     let n = docs.len();
     let test_size = spec.split.test_size;
     let n_test = if test_size < 1.0 {
@@ -598,7 +613,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     for &i in &order[..n_test] {
         is_test[i] = true;
     }
-    stats.stage("split", n, n);
+    stats.stage("split", n, n, t);
 
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for (d, t) in docs.into_iter().zip(is_test) {
@@ -606,6 +621,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     }
     let decon = &spec.dedup.decontamination;
     if decon.enabled {
+        let t = Instant::now();
         let n_gram = decon.ngram.max(1) as usize;
         let train_grams: HashSet<u64> = train
             .iter()
@@ -621,7 +637,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
                 true
             }
         });
-        stats.stage("decontaminate", n_in, train.len() + test.len());
+        stats.stage("decontaminate", n_in, train.len() + test.len(), t);
     }
     let mut kept_per_source: HashMap<usize, u64> = HashMap::new();
     for d in train.iter().chain(&test) {
@@ -642,11 +658,11 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
 
 /// A plain-text table of the stages and the reasons documents were dropped, for people.
 pub fn summary_table(stats: &PrepareStats) -> String {
-    let mut out = String::from("stage            documents in  documents out\n");
+    let mut out = String::from("stage            documents in  documents out  seconds\n");
     for st in &stats.stages {
         out.push_str(&format!(
-            "{:<16} {:>12}  {:>13}\n",
-            st.name, st.documents_in, st.documents_out
+            "{:<16} {:>12}  {:>13}  {:>7.2}\n",
+            st.name, st.documents_in, st.documents_out, st.seconds
         ));
     }
     out.push_str("\ndropped (reason)       documents\n");
@@ -679,10 +695,13 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
 
     let bpe = tiktoken_rs::r50k_base()
         .map_err(|e| JobError::Internal(format!("GPT-2 tokenizer: {e}")))?;
+    // Documents are tokenized in parallel and concatenated in order, each followed by EOT.
+    let t = Instant::now();
     let tokenize = |docs: &[String]| -> Vec<u32> {
-        let mut out = Vec::new();
-        for doc in docs {
-            out.extend(bpe.encode_ordinary(doc));
+        let pieces: Vec<Vec<u32>> = docs.par_iter().map(|d| bpe.encode_ordinary(d)).collect();
+        let mut out = Vec::with_capacity(pieces.iter().map(|p| p.len() + 1).sum());
+        for p in pieces {
+            out.extend(p);
             out.push(GPT2_EOT);
         }
         out
@@ -690,7 +709,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let train = tokenize(&train_docs);
     let test = tokenize(&test_docs);
     let n = train_docs.len() + test_docs.len();
-    stats.stage("tokenize", n, n);
+    stats.stage("tokenize", n, n, t);
     stats.train_tokens = train.len() as u64;
     stats.test_tokens = test.len() as u64;
 
