@@ -56,11 +56,13 @@ fn pretraining_on_tiny_shakespeare_beats_the_unigram_baseline() {
         eot_token: 0,
         dtype: TokenDtype::Uint16,
         train: vec![ShardInfo {
+            mask: None,
             file: "train-00000.bin".into(),
             tokens: train.len() as u64,
             sha256: String::new(),
         }],
         test: vec![ShardInfo {
+            mask: None,
             file: "test-00000.bin".into(),
             tokens: test.len() as u64,
             sha256: String::new(),

@@ -355,3 +355,98 @@ fn a_mixed_dataset_publishes_shards_the_trainer_reads() {
     assert_eq!(written["trainTokens"], stats.train_tokens);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn alpaca_records_become_masked_examples() {
+    let Some(data) = shared() else {
+        return;
+    };
+    let out = std::env::temp_dir().join(format!("taper-prepare-alpaca-{}", std::process::id()));
+    let ds = dataset(json!({
+        "format": "instruction",
+        "sources": [{"name": "alpaca", "uri": format!("file://{}", data.join("alpaca-sample.json").display()),
+                     "format": "alpaca-json"}],
+        "split": {"testSize": 100},
+        "instruction": {"maxSeqLength": 256},
+        "output": {"uri": format!("file://{}", out.display())},
+    }));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stats = prepare::prepare(&rt, &ds).expect("prepare");
+    assert_eq!(stats.documents_read, 5000);
+    assert_eq!(
+        stats.dropped.get("emptyOutput"),
+        Some(&2),
+        "{:?}",
+        stats.dropped
+    );
+    // `No input`, `Noinput`, `<no input>`, `< noinput >`, `N/A`, `None`, …: 49 in the sample.
+    assert_eq!(stats.normalized.get("placeholderInput"), Some(&49));
+    assert!(
+        stats.truncated.is_some_and(|t| t > 0 && t < 500),
+        "{:?}",
+        stats.truncated
+    );
+    assert_eq!(stats.test_documents, 100);
+    assert!(stats.balanced());
+
+    let manifest: taper_trainer::train::data::DatasetManifest =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let shard = &manifest.train[0];
+    let mask_info = shard
+        .mask
+        .as_ref()
+        .expect("instruction shards carry a mask");
+    let tokens: Vec<u16> = std::fs::read(out.join(&shard.file))
+        .expect("tokens")
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let mask = std::fs::read(out.join(&mask_info.file)).expect("mask");
+    assert_eq!(tokens.len(), mask.len());
+    assert_eq!(tokens.len() as u64, shard.tokens);
+    // Every example: a prompt (mask 0) then a response (mask 1) ending in EOT (kept even
+    // when the example is cut), at most 256 tokens.
+    let bpe = tiktoken_rs::r50k_base().expect("bpe");
+    let mut start = 0;
+    let mut examples = 0;
+    while start < tokens.len() {
+        let len = tokens[start..]
+            .iter()
+            .position(|&t| t == 50256)
+            .map(|p| p + 1)
+            .unwrap_or(tokens.len() - start);
+        // A truncated example has no EOT: it runs into the next prompt; stop checking there.
+        if len > 256 {
+            break;
+        }
+        let (t, m) = (&tokens[start..start + len], &mask[start..start + len]);
+        let first_response = m.iter().position(|&x| x == 1).expect("a response");
+        assert!(
+            m[..first_response].iter().all(|&x| x == 0)
+                && m[first_response..].iter().all(|&x| x == 1)
+        );
+        let prompt = bpe
+            .decode(
+                &t[..first_response]
+                    .iter()
+                    .map(|&x| u32::from(x))
+                    .collect::<Vec<u32>>(),
+            )
+            .expect("decode");
+        assert!(prompt.starts_with("Below is an instruction"), "{prompt}");
+        // A prompt longer than maxSeqLength is cut before its response: only the final EOT
+        // is then learned (the example is counted in `truncated`).
+        assert!(
+            prompt.ends_with("### Response:\n") || len == 256,
+            "{prompt}"
+        );
+        examples += 1;
+        start += len;
+    }
+    assert_eq!(examples, 4898, "every train example is separable");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -28,11 +28,12 @@ use taper_crds::{
 use crate::{
     job::JobError,
     store,
-    train::data::{DatasetManifest, ShardInfo, TokenDtype},
+    train::data::{DatasetManifest, MaskInfo, ShardInfo, TokenDtype},
 };
 
 pub mod clean;
 pub mod dedup;
+pub mod instruction;
 pub mod stackexchange;
 
 /// GPT-2's end-of-text token, placed after every document.
@@ -103,6 +104,13 @@ pub struct PrepareStats {
     pub stages: Vec<StageStats>,
     /// A few dropped documents per reason (truncated).
     pub examples: BTreeMap<String, Vec<Example>>,
+    /// Records changed but kept, per change (`placeholderInput`: an instruction record's
+    /// placeholder input such as `<noinput>` made empty).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub normalized: BTreeMap<String, u64>,
+    /// Instruction examples cut at `maxSeqLength` tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<u64>,
     /// MinHash parameters used, when the stage ran: `[ngram, bands, rows]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minhash: Option<[usize; 3]>,
@@ -157,8 +165,12 @@ impl PrepareStats {
 #[derive(Clone, Debug)]
 struct Doc {
     source: usize,
+    /// The text every stage sees; for an instruction record, its instruction, input and
+    /// output (without the template).
     text: String,
     url: Option<String>,
+    /// The record of an instruction Dataset.
+    record: Option<instruction::Record>,
 }
 
 fn dotted<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
@@ -221,6 +233,100 @@ fn is_wikitext_article_heading(line: &str) -> bool {
         && !t.ends_with("= =")
 }
 
+/// Read the records of an instruction Dataset's source (a JSON array — `alpaca-json` or
+/// `json` — or JSON lines).
+fn read_instruction_source(
+    path: &Path,
+    index: usize,
+    source: &Source,
+    limit: u64,
+    stats: &mut PrepareStats,
+    docs: &mut Vec<Doc>,
+) -> Result<(), JobError> {
+    let name = source.name.as_str();
+    let reader = open_reader(path, source.format, name)?;
+    let mut read = 0u64;
+    let mut take =
+        |record: serde_json::Value, stats: &mut PrepareStats| match instruction::parse(&record) {
+            Ok((rec, placeholder)) => {
+                if placeholder {
+                    *stats
+                        .normalized
+                        .entry("placeholderInput".into())
+                        .or_default() += 1;
+                }
+                // Dedup and decontamination compare the record's own words; the template,
+                // shared by every record, would make them all look alike.
+                let text = format!("{}\n\n{}\n\n{}", rec.instruction, rec.input, rec.output);
+                docs.push(Doc {
+                    source: index,
+                    text,
+                    url: None,
+                    record: Some(rec),
+                });
+            }
+            Err(reject) => {
+                let text = record
+                    .get("instruction")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                stats.drop_doc(name, reject.name(), &text);
+            }
+        };
+    match source.format {
+        SourceFormat::AlpacaJson | SourceFormat::Json => {
+            use serde::de::Deserializer as _;
+            let mut de = serde_json::Deserializer::from_reader(reader);
+            let mut n = 0u64;
+            de.deserialize_seq(ArrayVisitor(|record: serde_json::Value| {
+                if n < limit {
+                    n += 1;
+                    take(record, stats);
+                }
+            }))
+            .map_err(|e| {
+                JobError::Data(format!(
+                    "source {name}: {}: not a JSON array of records: {e}",
+                    path.display()
+                ))
+            })?;
+            read = n;
+        }
+        SourceFormat::Jsonl | SourceFormat::JsonlZst => {
+            for (i, line) in reader.lines().enumerate() {
+                if read >= limit {
+                    break;
+                }
+                let line = line.map_err(|e| {
+                    JobError::Data(format!("source {name}: {}: {e}", path.display()))
+                })?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                read += 1;
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => take(v, stats),
+                    Err(_) => {
+                        stats.drop_doc(name, "malformed", "");
+                        eprintln!("taper: source {name}: line {}: not JSON; skipped", i + 1);
+                    }
+                }
+            }
+        }
+        other => {
+            return Err(JobError::Spec(format!(
+                "source {name}: an instruction Dataset reads alpaca-json, json or jsonl records, not {}",
+                serde_json::to_string(&other).unwrap_or_default()
+            )));
+        }
+    }
+    stats.documents_read += read;
+    stats.documents_per_source.insert(name.to_string(), read);
+    stats.sources.entry(name.to_string()).or_default().read = read;
+    Ok(())
+}
+
 /// A document from one JSON record (a JSON-lines line or an array element): `None` when it
 /// is malformed or below the quality threshold (counted either way).
 fn record_doc(
@@ -264,6 +370,7 @@ fn record_doc(
         source: index,
         text,
         url,
+        record: None,
     })
 }
 
@@ -287,15 +394,20 @@ impl<'de, F: FnMut(serde_json::Value)> serde::de::Visitor<'de> for ArrayVisitor<
 
 /// Read one source into `docs`: empty and malformed records and those below the quality
 /// threshold are counted and skipped.
+#[allow(clippy::too_many_arguments)]
 fn read_source(
     path: &Path,
     index: usize,
     source: &Source,
+    instruction_mode: bool,
     limit: Option<u64>,
     stats: &mut PrepareStats,
     docs: &mut Vec<Doc>,
 ) -> Result<(), JobError> {
     let limit = limit.unwrap_or(u64::MAX);
+    if instruction_mode {
+        return read_instruction_source(path, index, source, limit, stats, docs);
+    }
     let name = source.name.as_str();
     let reader = open_reader(path, source.format, name)?;
     let io_err =
@@ -325,6 +437,7 @@ fn read_source(
                                 source: index,
                                 text: std::mem::take(&mut current),
                                 url: None,
+                                record: None,
                             },
                             stats,
                         );
@@ -345,6 +458,7 @@ fn read_source(
                         source: index,
                         text: current,
                         url: None,
+                        record: None,
                     },
                     stats,
                 );
@@ -411,6 +525,7 @@ fn read_source(
                             source: index,
                             text: t.text,
                             url: None,
+                            record: None,
                         },
                         stats,
                     );
@@ -457,6 +572,10 @@ pub struct Prepared {
     pub train: Vec<String>,
     /// Test documents (text).
     pub test: Vec<String>,
+    /// Train records of an instruction Dataset (empty otherwise).
+    pub train_records: Vec<instruction::Record>,
+    /// Test records of an instruction Dataset (empty otherwise).
+    pub test_records: Vec<instruction::Record>,
     /// The accounting.
     pub stats: PrepareStats,
 }
@@ -469,11 +588,7 @@ pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
 /// [`select_documents`] on at most `limit` records of each source (a dry run's sample).
 pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepared, JobError> {
     let spec = &ds.spec;
-    if spec.format != DatasetFormat::Pretraining {
-        return Err(JobError::Spec(
-            "instruction datasets are not supported by this version of taper prepare yet".into(),
-        ));
-    }
+    let instruction_mode = spec.format == DatasetFormat::Instruction;
     if spec.dedup.substring.enabled {
         return Err(JobError::Spec(
             "dedup.substring is not supported by this version of taper prepare yet; set dedup.substring.enabled: false".into(),
@@ -490,16 +605,35 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
                 source.name
             ))
         })?;
-        read_source(Path::new(path), i, source, limit, &mut stats, &mut docs)?;
+        read_source(
+            Path::new(path),
+            i,
+            source,
+            instruction_mode,
+            limit,
+            &mut stats,
+            &mut docs,
+        )?;
     }
     stats.stage("read", stats.documents_read as usize, docs.len(), t);
 
     // Cleaning: markup, Unicode, whitespace, boilerplate (in parallel; the rayon pool has
     // one thread per core unless RAYON_NUM_THREADS says otherwise).
     let t = Instant::now();
-    let filter = clean::QualityFilter::new(&spec.cleaning, false);
+    let filter = clean::QualityFilter::new(&spec.cleaning, instruction_mode);
     let n_in = docs.len();
-    let texts: Vec<String> = docs.par_iter().map(|d| filter.clean(&d.text)).collect();
+    // Instruction records were normalised field by field when read; markup and whitespace
+    // are content in their (code) answers.
+    let texts: Vec<String> = docs
+        .par_iter()
+        .map(|d| {
+            if d.record.is_some() {
+                d.text.clone()
+            } else {
+                filter.clean(&d.text)
+            }
+        })
+        .collect();
     let mut cleaned = Vec::with_capacity(docs.len());
     for (mut d, text) in docs.into_iter().zip(texts) {
         if text.trim().is_empty() {
@@ -543,7 +677,16 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     // Quality rules (Gopher, then C4's line and document rules) and the length bounds.
     let t = Instant::now();
     let n_in = docs.len();
-    let verdicts: Vec<clean::Verdict> = docs.par_iter().map(|d| filter.judge(&d.text)).collect();
+    let verdicts: Vec<clean::Verdict> = docs
+        .par_iter()
+        .map(|d| {
+            if d.record.is_some() {
+                Ok(d.text.clone())
+            } else {
+                filter.judge(&d.text)
+            }
+        })
+        .collect();
     let mut kept = Vec::with_capacity(docs.len());
     for (mut d, verdict) in docs.into_iter().zip(verdicts) {
         match verdict {
@@ -649,9 +792,13 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     }
     stats.train_documents = train.len() as u64;
     stats.test_documents = test.len() as u64;
+    let train_records = train.iter().filter_map(|d| d.record.clone()).collect();
+    let test_records = test.iter().filter_map(|d| d.record.clone()).collect();
     Ok(Prepared {
         train: train.into_iter().map(|d| d.text).collect(),
         test: test.into_iter().map(|d| d.text).collect(),
+        train_records,
+        test_records,
         stats,
     })
 }
@@ -690,8 +837,11 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let Prepared {
         train: train_docs,
         test: test_docs,
+        train_records,
+        test_records,
         mut stats,
     } = select_documents(ds)?;
+    let instruction_mode = spec.format == DatasetFormat::Instruction;
 
     let bpe = tiktoken_rs::r50k_base()
         .map_err(|e| JobError::Internal(format!("GPT-2 tokenizer: {e}")))?;
@@ -706,8 +856,35 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
         }
         out
     };
-    let train = tokenize(&train_docs);
-    let test = tokenize(&test_docs);
+    // Instruction examples: prompt and response tokenized apart, so that the mask covers
+    // exactly the response; each cut at maxSeqLength.
+    let ispec = &spec.instruction;
+    let max_len = ispec.max_seq_length.max(2) as usize;
+    let encode_records = |records: &[instruction::Record]| -> (Vec<u32>, Vec<u8>, u64) {
+        let pieces: Vec<(Vec<u32>, Vec<u8>, bool)> = records
+            .par_iter()
+            .map(|r| {
+                let prompt = bpe.encode_ordinary(&instruction::alpaca_prompt(r));
+                let response = bpe.encode_ordinary(&r.output);
+                instruction::encode(&prompt, &response, GPT2_EOT, ispec.mask_prompt, max_len)
+            })
+            .collect();
+        let (mut tokens, mut mask, mut cut) = (Vec::new(), Vec::new(), 0);
+        for (t, m, c) in pieces {
+            tokens.extend(t);
+            mask.extend(m);
+            cut += u64::from(c);
+        }
+        (tokens, mask, cut)
+    };
+    let (train, test, train_mask, test_mask) = if instruction_mode {
+        let (train, train_mask, a) = encode_records(&train_records);
+        let (test, test_mask, b) = encode_records(&test_records);
+        stats.truncated = Some(a + b);
+        (train, test, Some(train_mask), Some(test_mask))
+    } else {
+        (tokenize(&train_docs), tokenize(&test_docs), None, None)
+    };
     let n = train_docs.len() + test_docs.len();
     stats.stage("tokenize", n, n, t);
     stats.train_tokens = train.len() as u64;
@@ -716,26 +893,38 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let store = rt.block_on(store::open(&output.uri, output.access.as_ref()))?;
     // A previous manifest is removed first: readers never see it next to new shards.
     rt.block_on(store.delete("manifest.json"))?;
-    let shard_infos = |split: &str, tokens: &[u32]| -> Result<Vec<ShardInfo>, JobError> {
-        let mut infos = Vec::new();
-        for (i, chunk) in tokens.chunks(SHARD_TOKENS).enumerate() {
-            let bytes: Vec<u8> = chunk
-                .iter()
-                .flat_map(|&t| (t as u16).to_le_bytes())
-                .collect();
-            let sha = hex::encode(Sha256::digest(&bytes));
-            let file = format!("{split}-{i:05}.bin");
-            rt.block_on(store.put(&file, bytes))?;
-            infos.push(ShardInfo {
-                file,
-                tokens: chunk.len() as u64,
-                sha256: sha,
-            });
-        }
-        Ok(infos)
-    };
-    let train_shards = shard_infos("train", &train)?;
-    let test_shards = shard_infos("test", &test)?;
+    let shard_infos =
+        |split: &str, tokens: &[u32], mask: Option<&Vec<u8>>| -> Result<Vec<ShardInfo>, JobError> {
+            let mut infos = Vec::new();
+            for (i, chunk) in tokens.chunks(SHARD_TOKENS).enumerate() {
+                let mask_info = match mask {
+                    Some(m) => {
+                        let bytes = m[i * SHARD_TOKENS..(i * SHARD_TOKENS + chunk.len())].to_vec();
+                        let sha = hex::encode(Sha256::digest(&bytes));
+                        let file = format!("{split}-{i:05}.mask.bin");
+                        rt.block_on(store.put(&file, bytes))?;
+                        Some(MaskInfo { file, sha256: sha })
+                    }
+                    None => None,
+                };
+                let bytes: Vec<u8> = chunk
+                    .iter()
+                    .flat_map(|&t| (t as u16).to_le_bytes())
+                    .collect();
+                let sha = hex::encode(Sha256::digest(&bytes));
+                let file = format!("{split}-{i:05}.bin");
+                rt.block_on(store.put(&file, bytes))?;
+                infos.push(ShardInfo {
+                    file,
+                    tokens: chunk.len() as u64,
+                    sha256: sha,
+                    mask: mask_info,
+                });
+            }
+            Ok(infos)
+        };
+    let train_shards = shard_infos("train", &train, train_mask.as_ref())?;
+    let test_shards = shard_infos("test", &test, test_mask.as_ref())?;
     let digest = hex::encode(Sha256::digest(
         train_shards
             .iter()

@@ -45,6 +45,20 @@ pub struct ShardInfo {
     pub tokens: u64,
     /// sha256 of the file, lower-case hex.
     pub sha256: String,
+    /// Instruction datasets: the loss mask of this shard, one byte per token (1: the
+    /// token is a response token whose prediction counts in the loss, 0: prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskInfo>,
+}
+
+/// The loss-mask file of a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MaskInfo {
+    /// File name relative to the manifest (`train-NNNNN.mask.bin`).
+    pub file: String,
+    /// sha256 of the file, lower-case hex.
+    pub sha256: String,
 }
 
 /// `manifest.json` of a tokenized dataset.

@@ -60,6 +60,7 @@ pub fn byte_dataset(dir: &Path) -> DatasetManifest {
         write_u16_shard(&path, toks).expect("write shard");
         let (_, sha) = taper_trainer::store::sha256_file(&path).expect("hash");
         ShardInfo {
+            mask: None,
             file: name.into(),
             tokens: toks.len() as u64,
             sha256: sha,

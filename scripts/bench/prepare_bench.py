@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Throughput of `taper prepare` per stage, next to datatrove's MinHash dedup and Python
+tiktoken on the same input.
+
+The input is ../shared/data/webtext-sample.jsonl replicated to at least --mb megabytes;
+every copy after the first has 2% of its words replaced at random (seeded), so copies are
+near-duplicates (Jaccard of 5-gram sets about 0.9) that exact dedup does not catch.
+
+    python3 scripts/bench/prepare_bench.py [--mb 200] [--python .venv/bin/python]
+
+Runs, each as its own process so that peak memory is its own:
+  1. `taper prepare` (release build) with the default pipeline, on 1 and 2 threads
+     (RAYON_NUM_THREADS): seconds, MB/s and documents/s of every stage, peak RSS;
+  2. `taper prepare` with only the MinHash stage (14 bands x 8 rows, 5-grams) on 1 thread,
+     and datatrove's four MinHash steps with the same parameters on 1 worker: seconds
+     and the number of documents each removes;
+  3. tokenization: Python tiktoken's `encode_ordinary` (GPT-2) on 1 thread over the same
+     texts taper tokenized, against taper's tokenize stage on 1 thread.
+It prints one table per part. Only ratios from one run count: the machines are shared.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("TAPER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def replicate(src: Path, dst: Path, mb: int) -> tuple[int, int]:
+    """Write copies of src's records to dst until it holds mb megabytes."""
+    records = [json.loads(line) for line in src.open(encoding="utf-8") if line.strip()]
+    rng = random.Random(1234)
+    size = docs = copy = 0
+    with dst.open("w", encoding="utf-8") as out:
+        while size < mb * 1_000_000:
+            for r in records:
+                words = r.get("text", "").split(" ")
+                if copy > 0 and len(words) > 10:
+                    for _ in range(max(1, len(words) // 50)):
+                        words[rng.randrange(len(words))] = f"w{rng.randrange(100000)}"
+                rec = {"id": f"{r.get('id')}-{copy}", "text": " ".join(words),
+                       "metadata": {"url": f"{r.get('metadata', {}).get('url', '')}?copy={copy}"}}
+                line = json.dumps(rec, ensure_ascii=False) + "\n"
+                out.write(line)
+                size += len(line.encode("utf-8"))
+                docs += 1
+            copy += 1
+    return size, docs
+
+
+def dataset_yaml(src: Path, out: Path, minhash_only: bool) -> str:
+    extra = ""
+    if minhash_only:
+        extra = """  cleaning:
+    stripHtml: false
+    normalizeUnicode: false
+    removeBoilerplate: false
+    disable: [gopherWordCount, gopherMeanWordLength, gopherSymbolRatio, gopherBulletsEllipsis,
+              gopherAlphabetic, gopherStopWords, c4TerminalPunctuation, c4ShortLines,
+              c4LoremIpsum, c4CurlyBraces, c4Javascript, c4Policy]
+  dedup:
+    url: false
+    exact: false
+    decontamination:
+      enabled: false
+"""
+    return f"""apiVersion: taper.dev/v1alpha1
+kind: Dataset
+metadata:
+  name: bench
+spec:
+  sources:
+    - name: web
+      uri: file://{src}
+      format: jsonl
+      urlField: metadata.url
+{extra}  split:
+    testSize: 0.001
+  output:
+    uri: file://{out}
+"""
+
+
+def run_taper(taper: Path, job: Path, threads: int) -> tuple[dict, float, int]:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", str(taper), "prepare", "--job", str(job)],
+                       env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"taper prepare failed:\n{p.stderr[-3000:]}")
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    peak = int(re.findall(r"PEAK_KB (\d+)", p.stderr)[-1])
+    return stats, wall, peak
+
+
+DATATROVE = r'''
+import sys, time, json
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupSignature,
+    MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter)
+from datatrove.utils.hashing import HashConfig
+src, work = sys.argv[1], sys.argv[2]
+cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=64))
+steps = [
+    ("signatures", [JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sigs", config=cfg)]),
+    ("buckets", [MinhashDedupBuckets(input_folder=f"{work}/sigs", output_folder=f"{work}/buckets", config=cfg)]),
+    ("cluster", [MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove_ids", config=cfg)]),
+    ("filter", [JsonlReader(src), MinhashDedupFilter(input_folder=f"{work}/remove_ids",
+                exclusion_writer=JsonlWriter(f"{work}/removed")), JsonlWriter(f"{work}/kept")]),
+]
+times = {}
+for name, pipeline in steps:
+    tasks = cfg.num_buckets if name == "buckets" else 1
+    t = time.perf_counter()
+    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{name}").run()
+    times[name] = time.perf_counter() - t
+import glob, gzip
+removed = 0
+for f in glob.glob(f"{work}/removed/*"):
+    with (gzip.open(f, "rt") if f.endswith(".gz") else open(f)) as fh:
+        removed += sum(1 for _ in fh)
+print("RESULT " + json.dumps({"times": times, "removed": removed}))
+'''
+
+TIKTOKEN = r'''
+import sys, time, json, tiktoken
+texts = json.load(open(sys.argv[1]))
+enc = tiktoken.get_encoding("gpt2")
+t = time.perf_counter()
+n = 0
+for s in texts:
+    n += len(enc.encode_ordinary(s))
+dt = time.perf_counter() - t
+print("RESULT " + json.dumps({"seconds": dt, "tokens": n, "bytes": sum(len(s.encode()) for s in texts)}))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    a = ap.parse_args()
+    src = SHARED / "webtext-sample.jsonl"
+    if not src.exists():
+        sys.exit(f"{src} is missing (set TAPER_SHARED_DATA)")
+    print("building taper (release) ...", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "-p", "taper-trainer"], cwd=ROOT, check=True)
+    taper = ROOT / "target" / "release" / "taper"
+    tmp = Path(tempfile.mkdtemp(prefix="taper-prepare-bench-"))
+    try:
+        corpus = tmp / "input" / "web.jsonl"
+        corpus.parent.mkdir(parents=True)
+        size, docs = replicate(src, corpus, a.mb)
+        mb = size / 1e6
+        print(f"\ninput: {mb:.0f} MB, {docs} documents ({corpus})\n")
+
+        # 1. the default pipeline on 1 and 2 threads
+        full = {}
+        for threads in (1, 2):
+            job = tmp / f"full-{threads}.yaml"
+            job.write_text(dataset_yaml(corpus, tmp / f"out-full-{threads}", False))
+            full[threads] = run_taper(taper, job, threads)
+        print("taper prepare, default pipeline")
+        print(f"{'stage':<14} {'docs in':>9} {'docs out':>9} | {'1 thread s':>10} {'MB/s':>7} {'docs/s':>8} | {'2 threads s':>11} {'MB/s':>7} {'docs/s':>8}")
+        for i, st in enumerate(full[1][0]["stages"]):
+            row = f"{st['name']:<14} {st['documentsIn']:>9} {st['documentsOut']:>9}"
+            for threads in (1, 2):
+                s = full[threads][0]["stages"][i]["seconds"]
+                rate_mb = mb * st["documentsIn"] / max(docs, 1) / s if s > 0 else float("inf")
+                row += f" | {s:>10.2f} {rate_mb:>7.1f} {st['documentsIn'] / s if s > 0 else 0:>8.0f}"
+            print(row)
+        for threads in (1, 2):
+            stats, wall, peak = full[threads]
+            print(f"end to end, {threads} thread(s): {wall:.1f} s, {mb / wall:.1f} MB/s, {docs / wall:.0f} docs/s, peak RSS {peak / 1024:.0f} MiB")
+        print("(MB/s of a stage counts the input bytes of the documents that reach it, pro rata)\n")
+
+        # 2. MinHash only: taper vs datatrove, 1 thread each
+        job = tmp / "minhash.yaml"
+        job.write_text(dataset_yaml(corpus, tmp / "out-minhash", True))
+        stats, wall, peak = run_taper(taper, job, 1)
+        ours = next(s for s in stats["stages"] if s["name"] == "minhashDedup")
+        ours_removed = stats["dropped"].get("nearDuplicate", 0)
+        dt_work = tmp / "datatrove"
+        t = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", a.python, "-c", DATATROVE, str(corpus.parent), str(dt_work)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"datatrove failed:\n{p.stderr[-2000:]}")
+            dt = None
+        else:
+            dt = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
+            dt_peak = int(re.findall(r"PEAK_KB (\d+)", p.stderr)[-1])
+        print("MinHash dedup (5-grams, 14 bands x 8 rows), 1 thread")
+        print(f"{'':<22} {'seconds':>8} {'MB/s':>7} {'removed':>8} {'peak RSS MiB':>13}")
+        print(f"{'taper (minhash stage)':<22} {ours['seconds']:>8.1f} {mb / ours['seconds']:>7.1f} {ours_removed:>8} {peak / 1024:>13.0f}")
+        if dt:
+            total = sum(dt["times"].values())
+            print(f"{'datatrove (4 steps)':<22} {total:>8.1f} {mb / total:>7.1f} {dt['removed']:>8} {dt_peak / 1024:>13.0f}")
+            print(f"  datatrove steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in dt["times"].items()))
+            print(f"  taper / datatrove speed: {total / ours['seconds']:.1f}x")
+        print()
+
+        # 3. tokenization, 1 thread: taper's stage vs Python tiktoken on the texts taper kept
+        texts = []
+        for line in corpus.open(encoding="utf-8"):
+            texts.append(json.loads(line)["text"])
+            if len(texts) >= 20000:
+                break
+        tfile = tmp / "texts.json"
+        tfile.write_text(json.dumps(texts))
+        p = subprocess.run([a.python, "-c", TIKTOKEN, str(tfile)], capture_output=True, text=True)
+        tk = json.loads(p.stdout.split("RESULT ", 1)[1]) if p.returncode == 0 else None
+        tok_stage = next(s for s in full[1][0]["stages"] if s["name"] == "tokenize")
+        tok_bytes = mb * 1e6 * tok_stage["documentsIn"] / docs  # approximate: pro rata
+        tok_tokens = full[1][0]["trainTokens"] + full[1][0]["testTokens"]
+        print("GPT-2 tokenization, 1 thread")
+        print(f"{'':<22} {'MB/s':>7} {'tokens/s':>12}")
+        print(f"{'taper (tokenize stage)':<22} {tok_bytes / 1e6 / tok_stage['seconds']:>7.2f} {tok_tokens / tok_stage['seconds']:>12,.0f}")
+        if tk:
+            print(f"{'tiktoken (Python)':<22} {tk['bytes'] / 1e6 / tk['seconds']:>7.2f} {tk['tokens'] / tk['seconds']:>12,.0f}")
+        else:
+            print(f"tiktoken failed: {p.stderr[-1000:]}")
+    finally:
+        if a.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
