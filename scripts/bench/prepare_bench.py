@@ -134,9 +134,15 @@ print("RESULT " + json.dumps({"times": times, "removed": removed}))
 '''
 
 TIKTOKEN = r'''
-import sys, time, json, tiktoken
+import sys, time, json, tiktoken, tiktoken.load
 texts = json.load(open(sys.argv[1]))
-enc = tiktoken.get_encoding("gpt2")
+# GPT-2's ranks from the file tiktoken-rs embeds (tiktoken would download it; no network here).
+enc = tiktoken.Encoding(
+    name="gpt2",
+    pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    mergeable_ranks=tiktoken.load.load_tiktoken_bpe(sys.argv[2]),
+    special_tokens={"<|endoftext|>": 50256},
+)
 t = time.perf_counter()
 n = 0
 for s in texts:
@@ -220,7 +226,8 @@ def main():
                 break
         tfile = tmp / "texts.json"
         tfile.write_text(json.dumps(texts))
-        p = subprocess.run([a.python, "-c", TIKTOKEN, str(tfile)], capture_output=True, text=True)
+        ranks = next(Path.home().glob(".cargo/registry/src/*/tiktoken-rs-*/assets/r50k_base.tiktoken"), None)
+        p = subprocess.run([a.python, "-c", TIKTOKEN, str(tfile), str(ranks)], capture_output=True, text=True)
         tk = json.loads(p.stdout.split("RESULT ", 1)[1]) if p.returncode == 0 else None
         tok_stage = next(s for s in full[1][0]["stages"] if s["name"] == "tokenize")
         tok_bytes = mb * 1e6 * tok_stage["documentsIn"] / docs  # approximate: pro rata
