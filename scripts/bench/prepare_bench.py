@@ -17,6 +17,8 @@ Runs, each as its own process so that peak memory is its own:
   3. tokenization: Python tiktoken's `encode_ordinary` (GPT-2) on 1 thread over the same
      texts taper tokenized, against taper's tokenize stage on 1 thread.
 It prints one table per part. Only ratios from one run count: the machines are shared.
+Needs, in .venv: datatrove tokenizers orjson spacy "xxhash<3.6" tiktoken (xxhash 3.6+
+refuses the str shingles datatrove 0.x hashes).
 """
 import argparse
 import json
@@ -109,9 +111,8 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupSignature,
     MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter)
-from datatrove.utils.hashing import HashConfig
 src, work = sys.argv[1], sys.argv[2]
-cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=64))
+cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
 steps = [
     ("signatures", [JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sigs", config=cfg)]),
     ("buckets", [MinhashDedupBuckets(input_folder=f"{work}/sigs", output_folder=f"{work}/buckets", config=cfg)]),
