@@ -63,6 +63,17 @@ export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 nvcc --version | tail -n 2
 
 cd "$root"
+# candle-kernels' build script does not rerun when the compiler changes: clean it when the
+# wheels differ from those its PTX was made with.
+for profile_dir in target/cuda/release target/debug; do
+  if [ -d "$profile_dir" ] && [ "$(cat "$profile_dir/.taper-cuda-wheels" 2>/dev/null)" != "${wheels[*]}" ]; then
+    case "$profile_dir" in
+      target/cuda/release) cargo clean -q -p candle-kernels --release --target-dir target/cuda ;;
+      *) cargo clean -q -p candle-kernels ;;
+    esac
+    echo "${wheels[*]}" >"$profile_dir/.taper-cuda-wheels"
+  fi
+done
 case "$mode" in
   check) cargo check -p taper-trainer --features cuda ;;
   build) cargo build --release -p taper-trainer --features cuda --target-dir target/cuda
