@@ -973,7 +973,7 @@ async fn execute(
     // Init containers, one after the other.
     for (i, c) in containers[..n_init].iter().enumerate() {
         patch_status(ctx, status(&states, &restarts, "Pending", false, false)).await;
-        match run_container(ctx, spec, c, &envs[i], &volumes, terminate).await {
+        match run_container(ctx, c, &envs[i], &volumes, terminate).await {
             State::Terminated { code: 0, .. } => {}
             State::Terminated {
                 code,
@@ -1007,13 +1007,7 @@ async fn execute(
             dir: ctx.dir.clone(),
             opts: ctx.opts.clone(),
         };
-        let spec2 = spec.clone();
-        tasks.spawn(async move {
-            (
-                i,
-                run_container(&ctx2, &spec2, &c, &env, &volumes, &mut term).await,
-            )
-        });
+        tasks.spawn(async move { (i, run_container(&ctx2, &c, &env, &volumes, &mut term).await) });
     }
     patch_status(ctx, status(&states, &restarts, "Running", true, true)).await;
     while let Some(Ok((i, state))) = tasks.join_next().await {
@@ -1039,16 +1033,12 @@ async fn execute(
                 dir: ctx.dir.clone(),
                 opts: ctx.opts.clone(),
             };
-            let spec2 = spec.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = term.changed() => {}
                 }
-                (
-                    i,
-                    run_container(&ctx2, &spec2, &c, &env, &volumes, &mut term).await,
-                )
+                (i, run_container(&ctx2, &c, &env, &volumes, &mut term).await)
             });
             states[i] = State::Running(now());
             patch_status(ctx, status(&states, &restarts, "Running", true, true)).await;
@@ -1078,7 +1068,6 @@ async fn execute(
 
 async fn run_container(
     ctx: &PodCtx,
-    spec: &k8s_openapi::api::core::v1::PodSpec,
     c: &Container,
     env: &BTreeMap<String, String>,
     volumes: &BTreeMap<String, PathBuf>,
@@ -1222,7 +1211,6 @@ async fn run_container(
     if message.len() > 4096 {
         message = message[message.len() - 4096..].to_string();
     }
-    let _ = spec;
     State::Terminated {
         code,
         reason: if code == 0 {
