@@ -1,12 +1,7 @@
 //! A real MinIO server for tests, built by `e2e/scripts/build-tools.sh minio`, on a free
 //! loopback port with a temporary data folder; stopped (and its folder removed) on drop.
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, path::PathBuf, process::Command};
 
 use crate::process::Proc;
 
@@ -62,15 +57,11 @@ impl Minio {
             .env("MINIO_UPDATE", "off");
         let proc = Proc::spawn("minio", cmd, &dir.join("minio.log")).map_err(|e| e.to_string())?;
         let mut server = Self { proc, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            server.proc.check_alive().map_err(|e| e.to_string())?;
-            if crate::http::get(port, "/minio/health/live").map(|r| r.0) == Some(200) {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Err(server.proc.timeout(60).to_string())
+        server
+            .proc
+            .wait_http_ok(port, "/minio/health/live", 60)
+            .map_err(|e| e.to_string())?;
+        Ok(server)
     }
 
     /// The S3 endpoint URL.

@@ -150,6 +150,20 @@ impl Proc {
         }
     }
 
+    /// Poll `GET http://127.0.0.1:{port}{path}` until it answers 200, failing early when the
+    /// process exits and with the end of its log after `secs` seconds.
+    pub fn wait_http_ok(&mut self, port: u16, path: &str, secs: u64) -> Result<(), ProcessError> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            self.check_alive()?;
+            if crate::http::get(port, path).map(|r| r.0) == Some(200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(self.timeout(secs))
+    }
+
     /// SIGTERM, up to the grace period for it to exit, then SIGKILL; waits for the exit.
     pub fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {

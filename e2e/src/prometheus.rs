@@ -1,11 +1,7 @@
 //! A real Prometheus for tests (Debian's package, unpacked by `e2e/scripts/build-tools.sh
 //! prometheus`), with a configuration the suite writes, on a free loopback port.
 
-use std::{
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command};
 
 use crate::{
     minio::{free_port, tools_dir},
@@ -69,15 +65,11 @@ impl Prometheus {
         let proc = Proc::spawn("prometheus", cmd, &dir.join("prometheus.log"))
             .map_err(|e| e.to_string())?;
         let mut server = Self { proc, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            server.proc.check_alive().map_err(|e| e.to_string())?;
-            if crate::http::get(port, "/-/ready").map(|r| r.0) == Some(200) {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Err(server.proc.timeout(60).to_string())
+        server
+            .proc
+            .wait_http_ok(port, "/-/ready", 60)
+            .map_err(|e| e.to_string())?;
+        Ok(server)
     }
 
     /// The process id.

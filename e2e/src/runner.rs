@@ -27,8 +27,8 @@ use std::{
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{
-        Binding, ConfigMap, Container, EnvVar, Node, ObjectReference, Pod, Secret, ServiceAccount,
-        Volume,
+        Binding, ConfigMap, Container, DownwardAPIVolumeFile, EnvVar, KeyToPath, Node,
+        ObjectReference, Pod, Secret, ServiceAccount, Volume,
     },
 };
 use kube::{
@@ -451,6 +451,7 @@ fn field_value(pod: &Pod, path: &str) -> Option<String> {
 #[derive(Debug)]
 struct ConfigError(String);
 
+#[derive(Clone)]
 struct PodCtx {
     client: Client,
     pod: Pod,
@@ -569,67 +570,29 @@ impl PodCtx {
                 let data = self
                     .config_map_data(&cm.name, cm.optional.unwrap_or(false))
                     .await?;
-                files.extend(select(
-                    data,
-                    cm.items
-                        .as_ref()
-                        .map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                ));
+                files.extend(select(data, cm.items.as_ref()));
             } else if let Some(s) = &v.secret {
                 let name = s.secret_name.clone().unwrap_or_default();
                 let data = self.secret_data(&name, s.optional.unwrap_or(false)).await?;
-                files.extend(select(
-                    data,
-                    s.items
-                        .as_ref()
-                        .map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                ));
+                files.extend(select(data, s.items.as_ref()));
             } else if let Some(d) = &v.downward_api {
-                for item in d.items.iter().flatten() {
-                    if let Some(f) = &item.field_ref {
-                        files.push((
-                            item.path.clone(),
-                            field_value(&self.pod, &f.field_path)
-                                .unwrap_or_default()
-                                .into_bytes(),
-                        ));
-                    }
-                }
+                files.extend(downward_files(&self.pod, d.items.as_ref()));
             } else if let Some(p) = &v.projected {
                 for src in p.sources.iter().flatten() {
                     if let Some(cm) = &src.config_map {
                         let data = self
                             .config_map_data(&cm.name, cm.optional.unwrap_or(false))
                             .await?;
-                        files.extend(select(
-                            data,
-                            cm.items.as_ref().map(|i| {
-                                i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()
-                            }),
-                        ));
+                        files.extend(select(data, cm.items.as_ref()));
                     }
                     if let Some(s) = &src.secret {
                         let data = self
                             .secret_data(&s.name, s.optional.unwrap_or(false))
                             .await?;
-                        files.extend(select(
-                            data,
-                            s.items.as_ref().map(|i| {
-                                i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()
-                            }),
-                        ));
+                        files.extend(select(data, s.items.as_ref()));
                     }
                     if let Some(d) = &src.downward_api {
-                        for item in d.items.iter().flatten() {
-                            if let Some(f) = &item.field_ref {
-                                files.push((
-                                    item.path.clone(),
-                                    field_value(&self.pod, &f.field_path)
-                                        .unwrap_or_default()
-                                        .into_bytes(),
-                                ));
-                            }
-                        }
+                        files.extend(downward_files(&self.pod, d.items.as_ref()));
                     }
                     if let Some(t) = &src.service_account_token {
                         files.push((
@@ -744,17 +707,35 @@ impl PodCtx {
     }
 }
 
+/// The files of a ConfigMap or Secret volume: every key, or only the listed `items`.
 fn select(
     data: BTreeMap<String, Vec<u8>>,
-    items: Option<Vec<(String, String)>>,
+    items: Option<&Vec<KeyToPath>>,
 ) -> Vec<(String, Vec<u8>)> {
     match items {
         None => data.into_iter().collect(),
         Some(items) => items
-            .into_iter()
-            .filter_map(|(key, path)| data.get(&key).map(|v| (path, v.clone())))
+            .iter()
+            .filter_map(|k| data.get(&k.key).map(|v| (k.path.clone(), v.clone())))
             .collect(),
     }
+}
+
+/// The files of a downward-API volume or projection.
+fn downward_files(pod: &Pod, items: Option<&Vec<DownwardAPIVolumeFile>>) -> Vec<(String, Vec<u8>)> {
+    items
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let f = item.field_ref.as_ref()?;
+            Some((
+                item.path.clone(),
+                field_value(pod, &f.field_path)
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -999,14 +980,7 @@ async fn execute(
         states[i] = State::Running(now());
         let (c, env, volumes) = (c.clone(), envs[n_init + i].clone(), volumes.clone());
         let mut term = terminate.clone();
-        let ctx2 = PodCtx {
-            client: ctx.client.clone(),
-            pod: ctx.pod.clone(),
-            ns: ctx.ns.clone(),
-            name: ctx.name.clone(),
-            dir: ctx.dir.clone(),
-            opts: ctx.opts.clone(),
-        };
+        let ctx2 = ctx.clone();
         tasks.spawn(async move { (i, run_container(&ctx2, &c, &env, &volumes, &mut term).await) });
     }
     patch_status(ctx, status(&states, &restarts, "Running", true, true)).await;
@@ -1025,14 +999,7 @@ async fn execute(
             let c = spec.containers[i].clone();
             let (env, volumes) = (envs[n_init + i].clone(), volumes.clone());
             let mut term = terminate.clone();
-            let ctx2 = PodCtx {
-                client: ctx.client.clone(),
-                pod: ctx.pod.clone(),
-                ns: ctx.ns.clone(),
-                name: ctx.name.clone(),
-                dir: ctx.dir.clone(),
-                opts: ctx.opts.clone(),
-            };
+            let ctx2 = ctx.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

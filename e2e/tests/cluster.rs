@@ -771,6 +771,31 @@ fn cluster_checks(kubeconfig: &Path) {
     );
 }
 
+/// Wait until the controller manager has made the `default` service account of `ns`
+/// (pods are refused before it exists).
+fn wait_for_default_service_account(kubeconfig: &Path, ns: &str) {
+    eventually(
+        60,
+        &format!("the default service account exists in {ns}"),
+        || {
+            kubectl(
+                kubeconfig,
+                &["get", "serviceaccount", "-n", ns, "default"],
+                None,
+            )
+            .status
+            .success()
+            .then_some(())
+        },
+    );
+}
+
+/// A container security context that the `restricted` Pod Security Standard admits.
+fn restricted_container_security() -> Value {
+    json!({"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
 fn pod_checks(kubeconfig: &Path) {
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "restricted",
         "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
@@ -778,18 +803,8 @@ fn pod_checks(kubeconfig: &Path) {
         &kubectl(kubeconfig, &["apply", "-f", "-"], Some(&ns.to_string())),
         "restricted namespace",
     );
-    eventually(60, "the default service account exists", || {
-        kubectl(
-            kubeconfig,
-            &["get", "serviceaccount", "-n", "restricted", "default"],
-            None,
-        )
-        .status
-        .success()
-        .then_some(())
-    });
-    let secure = json!({"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
-        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    wait_for_default_service_account(kubeconfig, "restricted");
+    let secure = restricted_container_security();
     // PodSecurity refuses a pod that breaks the restricted profile.
     let bad = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"},
         "spec": {"containers": [{"name": "taper", "image": "taper-trainer:0.1.0", "args": ["--version"]}]}});
@@ -923,18 +938,8 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
         ),
         "namespace, secret, configmap",
     );
-    eventually(60, "the default service account exists in train", || {
-        kubectl(
-            kubeconfig,
-            &["get", "serviceaccount", "-n", "train", "default"],
-            None,
-        )
-        .status
-        .success()
-        .then_some(())
-    });
-    let secure = json!({"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
-        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    wait_for_default_service_account(kubeconfig, "train");
+    let secure = restricted_container_security();
     let pod = |name: &str, args: Value| {
         json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "train"},

@@ -143,6 +143,13 @@ impl PrepareStats {
         }
     }
 
+    /// Count the records read from one source.
+    fn record_read(&mut self, source: &str, read: u64) {
+        self.documents_read += read;
+        self.documents_per_source.insert(source.to_string(), read);
+        self.sources.entry(source.to_string()).or_default().read = read;
+    }
+
     /// Record a stage that started at `started`.
     fn stage(&mut self, name: &str, documents_in: usize, documents_out: usize, started: Instant) {
         self.stages.push(StageStats {
@@ -321,9 +328,7 @@ fn read_instruction_source(
             )));
         }
     }
-    stats.documents_read += read;
-    stats.documents_per_source.insert(name.to_string(), read);
-    stats.sources.entry(name.to_string()).or_default().read = read;
+    stats.record_read(name, read);
     Ok(())
 }
 
@@ -546,9 +551,7 @@ fn read_source(
             )));
         }
     }
-    stats.documents_read += read;
-    stats.documents_per_source.insert(name.to_string(), read);
-    stats.sources.entry(name.to_string()).or_default().read = read;
+    stats.record_read(name, read);
     Ok(())
 }
 
