@@ -4,9 +4,9 @@
 //! the train split, tokenize with GPT-2 BPE and publish shards, `stats.json` and — last —
 //! `manifest.json`.
 //!
-//! Not yet here (the dataset issue stays open for them): `s3://`/`https://` sources,
-//! parquet/JSON-array/StackExchange formats, exact-substring dedup, instruction datasets
-//! and Hugging Face tokenizers. Asking for them is refused with a message that says so.
+//! Sources are `file://` paths, folders and globs, `s3://` prefixes and globs, and
+//! `https://` URLs ([`sources`]), in JSON lines (plain or zstd), JSON arrays, Parquet, plain
+//! text (WikiText) and StackExchange `Posts.xml` dumps.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -28,19 +28,22 @@ use taper_crds::{
 use crate::{
     job::JobError,
     store,
-    train::data::{DatasetManifest, MaskInfo, ShardInfo, TokenDtype},
+    train::data::{DatasetManifest, MaskInfo, ShardInfo},
 };
 
 pub mod clean;
 pub mod dedup;
 pub mod instruction;
+pub(crate) mod sources;
 pub mod stackexchange;
+pub mod substring;
+pub mod tokenize;
 
 /// GPT-2's end-of-text token, placed after every document.
 pub const GPT2_EOT: u32 = 50256;
 /// GPT-2's vocabulary size.
 pub const GPT2_VOCAB: u32 = 50257;
-/// Tokens per shard at most (200 MB of `uint16`).
+/// Tokens per shard at most (200 MB of `uint16`, 400 MB of `uint32`).
 pub const SHARD_TOKENS: usize = 100_000_000;
 /// Malformed records reported by name and line before the rest are only counted.
 const REPORTED_MALFORMED: usize = 5;
@@ -48,6 +51,22 @@ const REPORTED_MALFORMED: usize = 5;
 const EXAMPLES_PER_REASON: usize = 3;
 /// Characters of each example.
 const EXAMPLE_CHARS: usize = 200;
+
+/// A progress bar for one stage over `len` items (drawn only when stderr is a terminal).
+fn stage_bar(stage: &str, len: usize, unit: &str) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{prefix:>14}} {{bar:30}} {{pos}}/{{len}} {unit}  {{per_sec}}  {{elapsed}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(stage.to_string());
+    bar
+}
 
 /// Documents into and out of one stage.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -96,7 +115,9 @@ pub struct PrepareStats {
     pub documents_per_source: BTreeMap<String, u64>,
     /// Documents dropped, per reason: `malformed`, `empty`, `qualityThreshold`,
     /// `emptyAfterCleaning`, `urlDuplicate`, `exactDuplicate`, a quality rule's name
-    /// (`gopherWordCount`, `c4CurlyBraces`, …), `length`, `nearDuplicate`, `contaminated`.
+    /// (`gopherWordCount`, `c4CurlyBraces`, …), `length`, `nearDuplicate`, `contaminated`,
+    /// `substringDuplicate` (a document made only of spans seen earlier), `promptTooLong` (an
+    /// instruction example whose prompt alone fills `maxSeqLength`).
     pub dropped: BTreeMap<String, u64>,
     /// Per-source accounting.
     pub sources: BTreeMap<String, SourceStats>,
@@ -111,6 +132,9 @@ pub struct PrepareStats {
     /// Instruction examples cut at `maxSeqLength` tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<u64>,
+    /// What exact-substring deduplication removed, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substring: Option<substring::SubstringStats>,
     /// MinHash parameters used, when the stage ran: `[ngram, bands, rows]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minhash: Option<[usize; 3]>,
@@ -146,8 +170,16 @@ impl PrepareStats {
     /// Count the records read from one source.
     fn record_read(&mut self, source: &str, read: u64) {
         self.documents_read += read;
-        self.documents_per_source.insert(source.to_string(), read);
-        self.sources.entry(source.to_string()).or_default().read = read;
+        *self
+            .documents_per_source
+            .entry(source.to_string())
+            .or_default() += read;
+        self.sources.entry(source.to_string()).or_default().read += read;
+    }
+
+    /// Records read so far from `source`.
+    fn read_from(&self, source: &str) -> u64 {
+        self.sources.get(source).map_or(0, |s| s.read)
     }
 
     /// Record a stage that started at `started`.
@@ -251,7 +283,6 @@ fn read_instruction_source(
     docs: &mut Vec<Doc>,
 ) -> Result<(), JobError> {
     let name = source.name.as_str();
-    let reader = open_reader(path, source.format, name)?;
     let mut read = 0u64;
     let mut take =
         |record: serde_json::Value, stats: &mut PrepareStats| match instruction::parse(&record) {
@@ -282,8 +313,17 @@ fn read_instruction_source(
             }
         };
     match source.format {
+        SourceFormat::Parquet => parquet_rows(path, name, |record| {
+            if read >= limit {
+                return false;
+            }
+            read += 1;
+            take(record, stats);
+            true
+        })?,
         SourceFormat::AlpacaJson | SourceFormat::Json => {
             use serde::de::Deserializer as _;
+            let reader = open_reader(path, source.format, name)?;
             let mut de = serde_json::Deserializer::from_reader(reader);
             let mut n = 0u64;
             de.deserialize_seq(ArrayVisitor(|record: serde_json::Value| {
@@ -301,6 +341,7 @@ fn read_instruction_source(
             read = n;
         }
         SourceFormat::Jsonl | SourceFormat::JsonlZst => {
+            let reader = open_reader(path, source.format, name)?;
             for (i, line) in reader.lines().enumerate() {
                 if read >= limit {
                     break;
@@ -323,7 +364,7 @@ fn read_instruction_source(
         }
         other => {
             return Err(JobError::Spec(format!(
-                "source {name}: an instruction Dataset reads alpaca-json, json or jsonl records, not {}",
+                "source {name}: an instruction Dataset reads alpaca-json, json, jsonl or parquet records, not {}",
                 serde_json::to_string(&other).unwrap_or_default()
             )));
         }
@@ -397,6 +438,30 @@ impl<'de, F: FnMut(serde_json::Value)> serde::de::Visitor<'de> for ArrayVisitor<
     }
 }
 
+/// Call `each` with every row of the Parquet file at `path` as a JSON object (groups as
+/// objects, lists as arrays), until it returns false. Rows are typed, so a row cannot be
+/// malformed; a corrupt file is an error that names it.
+fn parquet_rows(
+    path: &Path,
+    name: &str,
+    mut each: impl FnMut(serde_json::Value) -> bool,
+) -> Result<(), JobError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |e: &dyn std::fmt::Display| {
+        JobError::Data(format!("source {name}: {}: {e}", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(&format!("cannot read: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(&format!("not Parquet: {e}")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| bad(&e))?;
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| bad(&format!("row {}: {e}", i + 1)))?;
+        if !each(row.to_json_value()) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Read one source into `docs`: empty and malformed records and those below the quality
 /// threshold are counted and skipped.
 #[allow(clippy::too_many_arguments)]
@@ -414,10 +479,30 @@ fn read_source(
         return read_instruction_source(path, index, source, limit, stats, docs);
     }
     let name = source.name.as_str();
+    let mut read = 0u64;
+    if source.format == SourceFormat::Parquet {
+        let mut n = 0u64;
+        parquet_rows(path, name, |record| {
+            if read >= limit {
+                return false;
+            }
+            n += 1;
+            read += 1;
+            if let Some(doc) = record_doc(source, index, Some(record), &format!("row {n}"), stats) {
+                if doc.text.trim().is_empty() {
+                    stats.drop_doc(name, "empty", "");
+                } else {
+                    docs.push(doc);
+                }
+            }
+            true
+        })?;
+        stats.record_read(name, read);
+        return Ok(());
+    }
     let reader = open_reader(path, source.format, name)?;
     let io_err =
         |e: std::io::Error| JobError::Data(format!("source {name}: {}: {e}", path.display()));
-    let mut read = 0u64;
     let mut push = |doc: Doc, stats: &mut PrepareStats| {
         if doc.text.trim().is_empty() {
             stats.drop_doc(name, "empty", "");
@@ -546,7 +631,7 @@ fn read_source(
         }
         other => {
             return Err(JobError::Spec(format!(
-                "source {name}: format {} is not supported by this version of taper prepare yet",
+                "source {name}: format {} holds instruction records: set spec.format: instruction",
                 serde_json::to_string(&other).unwrap_or_default()
             )));
         }
@@ -579,11 +664,15 @@ pub struct Prepared {
     pub train_records: Vec<instruction::Record>,
     /// Test records of an instruction Dataset (empty otherwise).
     pub test_records: Vec<instruction::Record>,
+    /// The source (index in `spec.sources`) of each train document or record.
+    pub train_sources: Vec<usize>,
+    /// The source of each test document or record.
+    pub test_sources: Vec<usize>,
     /// The accounting.
     pub stats: PrepareStats,
 }
 
-/// Run every stage up to tokenization on `ds`'s `file://` sources.
+/// Run every stage up to tokenization on `ds`'s sources.
 pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
     select_documents_with(ds, None)
 }
@@ -592,32 +681,53 @@ pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
 pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepared, JobError> {
     let spec = &ds.spec;
     let instruction_mode = spec.format == DatasetFormat::Instruction;
-    if spec.dedup.substring.enabled {
+    if spec.dedup.substring.enabled && instruction_mode {
         return Err(JobError::Spec(
-            "dedup.substring is not supported by this version of taper prepare yet; set dedup.substring.enabled: false".into(),
+            "dedup.substring cuts spans out of documents, which would break instruction records; set dedup.substring.enabled: false for format: instruction".into(),
         ));
     }
     let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
     let mut stats = PrepareStats::default();
     let mut docs = Vec::new();
     let t = Instant::now();
+    // S3 listings and downloads, and HTTP downloads, run on a small runtime of their own.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| JobError::Internal(format!("tokio runtime: {e}")))?;
+    let spool = sources::Spool::new();
     for (i, source) in spec.sources.iter().enumerate() {
-        let path = source.uri.strip_prefix("file://").ok_or_else(|| {
-            JobError::Spec(format!(
-                "source {}: only file:// sources are supported by this version of taper prepare",
-                source.name
-            ))
-        })?;
-        read_source(
-            Path::new(path),
-            i,
-            source,
-            instruction_mode,
-            limit,
-            &mut stats,
-            &mut docs,
-        )?;
+        let objects = sources::list(&rt, source)?;
+        let bar = stage_bar(&format!("read {}", source.name), objects.len(), "files");
+        for (k, object) in objects.iter().enumerate() {
+            bar.set_message(object.label());
+            let remaining = limit.map(|l| l.saturating_sub(stats.read_from(&source.name)));
+            if remaining == Some(0) {
+                break;
+            }
+            let fetched = sources::fetch(&rt, &spool, &source.name, object, k)?;
+            read_source(
+                &fetched.path,
+                i,
+                source,
+                instruction_mode,
+                remaining,
+                &mut stats,
+                &mut docs,
+            )
+            .map_err(|e| match e {
+                // Name the object, not the spool file it was read from.
+                JobError::Data(m) if !matches!(object, sources::Object::Local(_)) => {
+                    JobError::Data(format!("{m} (downloaded from {})", object.label()))
+                }
+                e => e,
+            })?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
     }
+    drop((spool, rt));
     stats.stage("read", stats.documents_read as usize, docs.len(), t);
 
     // Cleaning: markup, Unicode, whitespace, boilerplate (in parallel; the rayon pool has
@@ -627,9 +737,11 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     let n_in = docs.len();
     // Instruction records were normalised field by field when read; markup and whitespace
     // are content in their (code) answers.
+    let bar = stage_bar("clean", docs.len(), "docs");
     let texts: Vec<String> = docs
         .par_iter()
         .map(|d| {
+            bar.inc(1);
             if d.record.is_some() {
                 d.text.clone()
             } else {
@@ -637,6 +749,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
             }
         })
         .collect();
+    bar.finish_and_clear();
     let mut cleaned = Vec::with_capacity(docs.len());
     for (mut d, text) in docs.into_iter().zip(texts) {
         if text.trim().is_empty() {
@@ -680,9 +793,11 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     // Quality rules (Gopher, then C4's line and document rules) and the length bounds.
     let t = Instant::now();
     let n_in = docs.len();
+    let bar = stage_bar("quality", docs.len(), "docs");
     let verdicts: Vec<clean::Verdict> = docs
         .par_iter()
         .map(|d| {
+            bar.inc(1);
             if d.record.is_some() {
                 Ok(d.text.clone())
             } else {
@@ -690,6 +805,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
             }
         })
         .collect();
+    bar.finish_and_clear();
     let mut kept = Vec::with_capacity(docs.len());
     for (mut d, verdict) in docs.into_iter().zip(verdicts) {
         match verdict {
@@ -720,7 +836,15 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
             .par_iter()
             .map(|d| dedup::shingles(&d.text, params.ngram))
             .collect();
-        let signatures: Vec<Vec<u64>> = sets.par_iter().map(|s| hasher.signature(s)).collect();
+        let bar = stage_bar("minhash", sets.len(), "docs");
+        let signatures: Vec<Vec<u64>> = sets
+            .par_iter()
+            .map(|s| {
+                bar.inc(1);
+                hasher.signature(s)
+            })
+            .collect();
+        bar.finish_and_clear();
         let keep = dedup::near_duplicates(&signatures, params, |i, j| {
             dedup::jaccard(&sets[i], &sets[j]) >= params.threshold
         });
@@ -797,7 +921,11 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     stats.test_documents = test.len() as u64;
     let train_records = train.iter().filter_map(|d| d.record.clone()).collect();
     let test_records = test.iter().filter_map(|d| d.record.clone()).collect();
+    let train_sources = train.iter().map(|d| d.source).collect();
+    let test_sources = test.iter().map(|d| d.source).collect();
     Ok(Prepared {
+        train_sources,
+        test_sources,
         train: train.into_iter().map(|d| d.text).collect(),
         test: test.into_iter().map(|d| d.text).collect(),
         train_records,
@@ -826,14 +954,36 @@ pub fn summary_table(stats: &PrepareStats) -> String {
     out
 }
 
+/// Count a document that was kept (in train when `train`) as dropped for `reason` after all.
+fn unkeep(stats: &mut PrepareStats, source: &str, train: bool, reason: &str) {
+    stats.drop_doc(source, reason, "");
+    if let Some(s) = stats.sources.get_mut(source) {
+        s.kept -= 1;
+    }
+    if train {
+        stats.train_documents -= 1;
+    } else {
+        stats.test_documents -= 1;
+    }
+}
+
 /// Prepare `ds` and publish it to its `spec.output`. Returns the stats it published.
 pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStats, JobError> {
     let spec = &ds.spec;
-    if spec.tokenizer.type_ != TokenizerKind::Gpt2 {
-        return Err(JobError::Spec(
-            "only the gpt2 tokenizer is supported by this version of taper prepare".into(),
-        ));
-    }
+    let tokenizer = match (spec.tokenizer.type_, spec.tokenizer.uri.as_deref()) {
+        (TokenizerKind::Gpt2, _) => tokenize::Tokenizer::gpt2()?,
+        (TokenizerKind::Huggingface, None) => {
+            return Err(JobError::Spec(
+                "tokenizer.uri is required when tokenizer.type is huggingface".into(),
+            ));
+        }
+        (TokenizerKind::Huggingface, Some(uri)) => {
+            let spool = sources::Spool::new();
+            let file =
+                sources::fetch_one(rt, &spool, "tokenizer", uri, spec.tokenizer.access.as_ref())?;
+            tokenize::Tokenizer::hugging_face(&file.path, uri)?
+        }
+    };
     let output = spec.output.as_ref().ok_or_else(|| {
         JobError::Spec("spec.output is unset (the operator fills it in a cluster)".into())
     })?;
@@ -842,20 +992,42 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
         test: test_docs,
         train_records,
         test_records,
+        train_sources,
+        test_sources,
         mut stats,
     } = select_documents(ds)?;
+    let prepared_sources: Vec<usize> = train_sources.into_iter().chain(test_sources).collect();
     let instruction_mode = spec.format == DatasetFormat::Instruction;
 
-    let bpe = tiktoken_rs::r50k_base()
-        .map_err(|e| JobError::Internal(format!("GPT-2 tokenizer: {e}")))?;
     // Documents are tokenized in parallel and concatenated in order, each followed by EOT.
     let t = Instant::now();
-    let tokenize = |docs: &[String]| -> Vec<u32> {
-        let pieces: Vec<Vec<u32>> = docs.par_iter().map(|d| bpe.encode_ordinary(d)).collect();
+    let eot = tokenizer.eot();
+    let encode = |text: &str| {
+        tokenizer.encode(text).map_err(|e| {
+            JobError::Data(format!(
+                "tokenizer {}: cannot encode a document: {e}",
+                tokenizer.name()
+            ))
+        })
+    };
+    let bar = stage_bar(
+        "tokenize",
+        train_docs.len() + test_docs.len() + train_records.len() + test_records.len(),
+        "docs",
+    );
+    let encode_docs = |docs: &[String]| -> Result<Vec<Vec<u32>>, JobError> {
+        docs.par_iter()
+            .map(|d| {
+                bar.inc(1);
+                encode(d)
+            })
+            .collect()
+    };
+    let concat = |pieces: Vec<Vec<u32>>| -> Vec<u32> {
         let mut out = Vec::with_capacity(pieces.iter().map(|p| p.len() + 1).sum());
-        for p in pieces {
+        for p in pieces.into_iter().filter(|p| !p.is_empty()) {
             out.extend(p);
-            out.push(GPT2_EOT);
+            out.push(eot);
         }
         out
     };
@@ -863,33 +1035,88 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     // exactly the response; each cut at maxSeqLength.
     let ispec = &spec.instruction;
     let max_len = ispec.max_seq_length.max(2) as usize;
-    let encode_records = |records: &[instruction::Record]| -> (Vec<u32>, Vec<u8>, u64) {
-        let pieces: Vec<(Vec<u32>, Vec<u8>, bool)> = records
+    // `None` for an example whose prompt alone fills maxSeqLength: no response token would
+    // be left to learn from.
+    let encode_records = |records: &[instruction::Record]| -> Result<Vec<Option<_>>, JobError> {
+        records
             .par_iter()
             .map(|r| {
-                let prompt = bpe.encode_ordinary(&instruction::alpaca_prompt(r));
-                let response = bpe.encode_ordinary(&r.output);
-                instruction::encode(&prompt, &response, GPT2_EOT, ispec.mask_prompt, max_len)
+                bar.inc(1);
+                let prompt = encode(&instruction::alpaca_prompt(r))?;
+                if prompt.len() + 1 >= max_len {
+                    return Ok(None);
+                }
+                let response = encode(&r.output)?;
+                Ok(Some(instruction::encode(
+                    &prompt,
+                    &response,
+                    eot,
+                    ispec.mask_prompt,
+                    max_len,
+                )))
             })
-            .collect();
-        let (mut tokens, mut mask, mut cut) = (Vec::new(), Vec::new(), 0);
-        for (t, m, c) in pieces {
-            tokens.extend(t);
-            mask.extend(m);
-            cut += u64::from(c);
-        }
-        (tokens, mask, cut)
+            .collect()
     };
+    let n_train = train_docs.len().max(train_records.len());
     let (train, test, train_mask, test_mask) = if instruction_mode {
-        let (train, train_mask, a) = encode_records(&train_records);
-        let (test, test_mask, b) = encode_records(&test_records);
-        stats.truncated = Some(a + b);
+        let mut pieces = encode_records(&train_records)?;
+        pieces.extend(encode_records(&test_records)?);
+        let (mut tokens, mut masks, mut cut) =
+            ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()], 0);
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let split = usize::from(i >= n_train);
+            match piece {
+                Some((t, m, c)) => {
+                    tokens[split].extend(t);
+                    masks[split].extend(m);
+                    cut += u64::from(c);
+                }
+                None => unkeep(
+                    &mut stats,
+                    &spec.sources[prepared_sources[i]].name,
+                    split == 0,
+                    "promptTooLong",
+                ),
+            }
+        }
+        stats.truncated = Some(cut);
+        let [train, test] = tokens;
+        let [train_mask, test_mask] = masks;
         (train, test, Some(train_mask), Some(test_mask))
     } else {
-        (tokenize(&train_docs), tokenize(&test_docs), None, None)
+        let mut pieces = encode_docs(&train_docs)?;
+        pieces.extend(encode_docs(&test_docs)?);
+        let n = pieces.len();
+        stats.stage("tokenize", n, n, t);
+        if spec.dedup.substring.enabled {
+            let t = Instant::now();
+            let chunk = std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(substring::DEFAULT_CHUNK_TOKENS);
+            let k = spec.dedup.substring.min_length.max(1) as usize;
+            let sub = substring::dedup(&mut pieces, k, chunk)
+                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
+            // A document left without tokens is a duplicate through and through.
+            for (i, piece) in pieces.iter().enumerate() {
+                if piece.is_empty() {
+                    let name = &spec.sources[prepared_sources[i]].name;
+                    unkeep(&mut stats, name, i < n_train, "substringDuplicate");
+                }
+            }
+            let out = pieces.iter().filter(|p| !p.is_empty()).count();
+            stats.substring = Some(sub);
+            stats.stage("substringDedup", n, out, t);
+        }
+        let test = pieces.split_off(n_train);
+        (concat(pieces), concat(test), None, None)
     };
-    let n = train_docs.len() + test_docs.len();
-    stats.stage("tokenize", n, n, t);
+    bar.finish_and_clear();
+    let dtype = tokenizer.dtype();
+    if instruction_mode {
+        let n = train_records.len() + test_records.len();
+        stats.stage("tokenize", n, n, t);
+    }
     stats.train_tokens = train.len() as u64;
     stats.test_tokens = test.len() as u64;
 
@@ -910,10 +1137,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
                     }
                     None => None,
                 };
-                let bytes: Vec<u8> = chunk
-                    .iter()
-                    .flat_map(|&t| (t as u16).to_le_bytes())
-                    .collect();
+                let bytes = tokenize::to_bytes(chunk, dtype);
                 let sha = hex::encode(Sha256::digest(&bytes));
                 let file = format!("{split}-{i:05}.bin");
                 rt.block_on(store.put(&file, bytes))?;
@@ -938,10 +1162,10 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     ));
     let manifest = DatasetManifest {
         version: 1,
-        tokenizer: "gpt2".into(),
-        vocab_size: GPT2_VOCAB,
-        eot_token: GPT2_EOT,
-        dtype: TokenDtype::Uint16,
+        tokenizer: tokenizer.name(),
+        vocab_size: tokenizer.vocab_size(),
+        eot_token: eot,
+        dtype,
         train: train_shards,
         test: test_shards,
         digest,

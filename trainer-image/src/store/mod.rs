@@ -45,13 +45,21 @@ pub enum StoreError {
         /// The error, with its cause chain.
         message: String,
     },
+    /// An HTTP(S) download failed (after its retries).
+    #[error("GET {url}: {message}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// The error, with its cause chain.
+        message: String,
+    },
 }
 
 impl StoreError {
     /// Whether retrying later may succeed (network, throttling, server errors), as
     /// opposed to a permanent problem (bad URI, missing object).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::S3 { .. } | Self::Io { .. })
+        matches!(self, Self::S3 { .. } | Self::Io { .. } | Self::Http { .. })
     }
 }
 

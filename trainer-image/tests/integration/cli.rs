@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::common;
+
 fn taper() -> Command {
     Command::new(env!("CARGO_BIN_EXE_taper"))
 }
@@ -94,8 +96,6 @@ fn validate_refuses_a_bad_manifest_naming_the_field() {
     assert!(stderr.contains("PretrainJob bad"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
-
-mod common;
 
 /// SIGTERM finishes the step, saves a checkpoint and exits 75; the next run resumes at that
 /// step. Meanwhile `/metrics` serves the training metrics with bounded labels.

@@ -1,4 +1,5 @@
-//! Helpers shared by the trainer's integration tests.
+//! Helpers shared by the trainer's integration tests (and the MinIO ones, which use only
+//! some of them).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -148,4 +149,22 @@ pub fn tiny_run<'a>(
         metrics: None,
         stop_after: None,
     }
+}
+
+/// A Dataset with `spec`.
+pub fn dataset(spec: serde_json::Value) -> taper_crds::Dataset {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "taper.dev/v1alpha1", "kind": "Dataset",
+        "metadata": {"name": "t"}, "spec": spec,
+    }))
+    .expect("dataset")
+}
+
+/// `../shared/data`, or `None` with a message when it is absent (a user's fresh clone).
+pub fn shared() -> Option<PathBuf> {
+    let dir = taper_e2e::shared_data_dir();
+    if dir.is_none() {
+        eprintln!("skipped: ../shared/data is absent (set TAPER_SHARED_DATA to run this test)");
+    }
+    dir
 }

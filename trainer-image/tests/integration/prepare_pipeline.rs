@@ -6,26 +6,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use taper_crds::Dataset;
+
+use crate::common::{dataset, shared};
 use taper_trainer::prepare::{
     self, PrepareStats,
     dedup::{self, MinHashParams, MinHasher, UnionFind},
 };
-
-fn dataset(spec: serde_json::Value) -> Dataset {
-    serde_json::from_value(json!({
-        "apiVersion": "taper.dev/v1alpha1", "kind": "Dataset",
-        "metadata": {"name": "t"}, "spec": spec,
-    }))
-    .expect("dataset")
-}
-
-fn shared() -> Option<std::path::PathBuf> {
-    let dir = taper_e2e::shared_data_dir();
-    if dir.is_none() {
-        eprintln!("skipped: ../shared/data is absent (set TAPER_SHARED_DATA to run this test)");
-    }
-    dir
-}
 
 fn all_rules_off() -> serde_json::Value {
     json!({"stripHtml": false, "normalizeUnicode": false, "removeBoilerplate": false,
@@ -389,7 +375,19 @@ fn alpaca_records_become_masked_examples() {
         "{:?}",
         stats.truncated
     );
-    assert_eq!(stats.test_documents, 100);
+    // Examples whose prompt alone fills the 256 tokens are dropped, not cut: they would
+    // leave no response token to learn from.
+    let too_long = stats.dropped.get("promptTooLong").copied().unwrap_or(0);
+    eprintln!(
+        "promptTooLong: {too_long}, truncated: {:?}",
+        stats.truncated
+    );
+    assert!(too_long > 0 && too_long < 50, "{too_long}");
+    assert_eq!(
+        stats.train_documents + stats.test_documents + too_long,
+        4998
+    );
+    assert!(stats.test_documents <= 100);
     assert!(stats.balanced());
 
     let manifest: taper_trainer::train::data::DatasetManifest =
@@ -438,15 +436,63 @@ fn alpaca_records_become_masked_examples() {
             )
             .expect("decode");
         assert!(prompt.starts_with("Below is an instruction"), "{prompt}");
-        // A prompt longer than maxSeqLength is cut before its response: only the final EOT
-        // is then learned (the example is counted in `truncated`).
-        assert!(
-            prompt.ends_with("### Response:\n") || len == 256,
-            "{prompt}"
-        );
+        // Every prompt is whole: a cut falls in the response.
+        assert!(prompt.ends_with("### Response:\n"), "{prompt}");
         examples += 1;
         start += len;
     }
-    assert_eq!(examples, 4898, "every train example is separable");
+    assert_eq!(
+        examples, stats.train_documents,
+        "every train example is separable"
+    );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Exact-substring dedup on the web sample with exact dedup off: the exact copies are now
+/// repeats through and through, and every token is accounted for.
+#[test]
+fn exact_substring_dedup_cuts_repeated_spans() {
+    let Some(data) = shared() else { return };
+    let out = crate::common::TempDir::new("substring");
+    let ds = dataset(json!({
+        "sources": [{"name": "web", "format": "jsonl", "urlField": "metadata.url",
+                     "uri": format!("file://{}", data.join("webtext-sample.jsonl").display())}],
+        "cleaning": all_rules_off(),
+        "dedup": {"exact": false, "minhash": {"enabled": false},
+                  "decontamination": {"enabled": false}, "substring": {"enabled": true}},
+        "split": {"testSize": 0.05},
+        "output": {"uri": format!("file://{}", out.path().display())},
+    }));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stats = prepare::prepare(&rt, &ds).expect("prepare");
+    eprintln!("{}", prepare::summary_table(&stats));
+    let sub = stats.substring.clone().expect("substring stats");
+    eprintln!("{sub:?}");
+    assert_eq!(sub.min_length, 50);
+    assert!(sub.tokens_removed > 0, "{sub:?}");
+    let emptied = stats
+        .dropped
+        .get("substringDuplicate")
+        .copied()
+        .unwrap_or(0);
+    // The sample's exact copies: 6 of a 3-word page and 1 of a 4-word one, shorter than
+    // 50 tokens and so kept, and 2 of a 250-word page, emptied.
+    assert_eq!(emptied, 2, "{:?}", stats.dropped);
+    assert!(sub.documents_changed >= emptied);
+    assert!(stats.balanced(), "{stats:?}");
+    let kept = stats.train_documents + stats.test_documents;
+    assert_eq!(
+        stats.train_tokens + stats.test_tokens,
+        sub.tokens_in - sub.tokens_removed + kept,
+        "every token kept or removed, one end-of-text per kept document"
+    );
+    let (_, train, test) =
+        taper_trainer::train::data::open_dataset(out.path()).expect("the trainer reads it");
+    assert_eq!(
+        train.len() + test.len(),
+        stats.train_tokens + stats.test_tokens
+    );
 }

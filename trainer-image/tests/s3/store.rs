@@ -1,11 +1,9 @@
 //! The S3 backend against a real MinIO (built by `e2e/scripts/build-tools.sh minio`):
-//! put/get/list/delete, multipart uploads in parallel parts, checkpoints and resume, and
-//! an outage reported as a retryable error.
+//! put/get/list/delete, multipart uploads in parallel parts, checkpoints and resume,
+//! `taper prepare` sources, and an outage reported as a retryable error.
 
-mod common;
-
+use crate::common::{TempDir, byte_dataset, tiny_run};
 use candle_core::Device;
-use common::{TempDir, byte_dataset, tiny_run};
 use taper_crds::exit;
 use taper_e2e::minio::Minio;
 use taper_trainer::{
@@ -38,6 +36,8 @@ async fn bucket(minio: &Minio, name: &str, prefix: &str, s: S3Settings) -> S3Sto
     store
 }
 
+/// One test for everything MinIO serves, so that [`Minio::export_env`] sets the process
+/// environment once, before any other thread reads it.
 #[test]
 fn s3_store_against_minio() {
     let minio =
@@ -153,6 +153,9 @@ fn s3_store_against_minio() {
         .expect("resume")
         .expect("checkpoint in S3");
     assert_eq!(loaded.state.step, 8);
+
+    // `taper prepare` reads its sources from S3 prefixes and globs.
+    crate::prepare_sources::from_s3(&minio, &rt);
 
     // An outage: the store is gone, the error is transient and maps to "retryable".
     let dead = rt.block_on(S3Store::connect(

@@ -2,10 +2,8 @@
 //! same run: killed part way and restarted, it ends with the weights an uninterrupted run
 //! reaches.
 
-mod common;
-
+use crate::common::{TempDir, byte_dataset, quick_training, tiny_run};
 use candle_core::Device;
-use common::{TempDir, byte_dataset, quick_training, tiny_run};
 use taper_crds::training::Overfitting;
 use taper_trainer::{
     store::{LocalStore, ObjectStore},
