@@ -256,32 +256,59 @@ pub fn jaccard(a: &[u64], b: &[u64]) -> f64 {
 /// Members of one LSH bucket compared with a newcomer before it is joined to none.
 const BUCKET_PROBES: usize = 8;
 
-/// Near-duplicate clustering: documents that share a band bucket are candidates, and a
-/// candidate pair is joined when `similar(i, j)` confirms it (the prepare stage checks the
-/// exact Jaccard similarity of the shingle sets, so no pair below the threshold is
-/// merged directly). Clusters are the transitive closure. Returns, for each document,
-/// whether it is kept: the lowest index of each cluster is.
+/// The LSH bucket key of each band of `signature`, or `None` for a document without
+/// shingles (it is nobody's duplicate).
+pub fn band_keys(signature: &[u64], params: MinHashParams) -> Option<Vec<u64>> {
+    if signature.iter().all(|&h| h == u64::MAX) {
+        return None;
+    }
+    Some(
+        (0..params.bands)
+            .map(|band| {
+                let rows = &signature[band * params.rows..(band + 1) * params.rows];
+                let mut bytes = Vec::with_capacity(rows.len() * 8);
+                for h in rows {
+                    bytes.extend_from_slice(&h.to_le_bytes());
+                }
+                xxh3_64_with_seed(&bytes, band as u64)
+            })
+            .collect(),
+    )
+}
+
+/// Which documents to keep: [`near_duplicates_by_keys`] over full signatures.
 pub fn near_duplicates(
     signatures: &[Vec<u64>],
     params: MinHashParams,
+    similar: impl FnMut(usize, usize) -> bool,
+) -> Vec<bool> {
+    let keys: Vec<Option<Vec<u64>>> = signatures.iter().map(|s| band_keys(s, params)).collect();
+    near_duplicates_by_keys(
+        keys.len(),
+        params.bands,
+        |i, b| keys[i].as_ref().map(|k| k[b]),
+        similar,
+    )
+}
+
+/// Near-duplicate clustering of `n` documents: documents that share a band bucket
+/// (`key(doc, band)`, `None` for a document without shingles) are candidates, and a
+/// candidate pair is joined when `similar(i, j)` confirms it (the prepare stage checks the
+/// exact Jaccard similarity of the shingle sets, so no pair below the threshold is merged
+/// directly). Clusters are the transitive closure. Returns, for each document, whether it
+/// is kept: the lowest index of each cluster.
+pub fn near_duplicates_by_keys(
+    n: usize,
+    bands: usize,
+    key: impl Fn(usize, usize) -> Option<u64>,
     mut similar: impl FnMut(usize, usize) -> bool,
 ) -> Vec<bool> {
-    let n = signatures.len();
     let mut uf = UnionFind::new(n);
-    for band in 0..params.bands {
+    for band in 0..bands {
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::with_capacity(n);
-        for (i, sig) in signatures.iter().enumerate() {
-            let rows = &sig[band * params.rows..(band + 1) * params.rows];
-            if rows.iter().all(|&h| h == u64::MAX) {
-                continue; // an empty document
-            }
-            let mut bytes = Vec::with_capacity(rows.len() * 8);
-            for h in rows {
-                bytes.extend_from_slice(&h.to_le_bytes());
-            }
-            let members = buckets
-                .entry(xxh3_64_with_seed(&bytes, band as u64))
-                .or_default();
+        for i in 0..n {
+            let Some(k) = key(i, band) else { continue };
+            let members = buckets.entry(k).or_default();
             let mut joined = false;
             for &m in members.iter().take(BUCKET_PROBES) {
                 if uf.find(m) == uf.find(i) {

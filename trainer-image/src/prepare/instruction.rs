@@ -11,7 +11,7 @@ const PLACEHOLDERS: [&str; 8] = [
 ];
 
 /// One validated record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     /// The task.
     pub instruction: String,

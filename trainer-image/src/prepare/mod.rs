@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::{BufRead, Read},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use rand::{SeedableRng, seq::SliceRandom};
@@ -19,22 +19,25 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use spill::{Doc, Spill};
 use std::time::Instant;
 use taper_crds::{
     Dataset,
     dataset::{Aggregate, DatasetFormat, QualityThreshold, Source, SourceFormat, TokenizerKind},
 };
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{
     job::JobError,
     store,
-    train::data::{DatasetManifest, MaskInfo, ShardInfo},
+    train::data::{DatasetManifest, MaskInfo, ShardInfo, TokenDtype},
 };
 
 pub mod clean;
 pub mod dedup;
 pub mod instruction;
 pub(crate) mod sources;
+mod spill;
 pub mod stackexchange;
 pub mod substring;
 pub mod tokenize;
@@ -200,18 +203,6 @@ impl PrepareStats {
     }
 }
 
-/// One document on its way through the stages.
-#[derive(Clone, Debug)]
-struct Doc {
-    source: usize,
-    /// The text every stage sees; for an instruction record, its instruction, input and
-    /// output (without the template).
-    text: String,
-    url: Option<String>,
-    /// The record of an instruction Dataset.
-    record: Option<instruction::Record>,
-}
-
 fn dotted<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
     path.split('.').try_fold(v, |v, k| v.get(k))
 }
@@ -280,7 +271,7 @@ fn read_instruction_source(
     source: &Source,
     limit: u64,
     stats: &mut PrepareStats,
-    docs: &mut Vec<Doc>,
+    docs: &mut Batcher,
 ) -> Result<(), JobError> {
     let name = source.name.as_str();
     let mut read = 0u64;
@@ -296,12 +287,15 @@ fn read_instruction_source(
                 // Dedup and decontamination compare the record's own words; the template,
                 // shared by every record, would make them all look alike.
                 let text = format!("{}\n\n{}\n\n{}", rec.instruction, rec.input, rec.output);
-                docs.push(Doc {
-                    source: index,
-                    text,
-                    url: None,
-                    record: Some(rec),
-                });
+                docs.push(
+                    Doc {
+                        source: index,
+                        text,
+                        url: None,
+                        record: Some(rec),
+                    },
+                    stats,
+                );
             }
             Err(reject) => {
                 let text = record
@@ -472,7 +466,7 @@ fn read_source(
     instruction_mode: bool,
     limit: Option<u64>,
     stats: &mut PrepareStats,
-    docs: &mut Vec<Doc>,
+    docs: &mut Batcher,
 ) -> Result<(), JobError> {
     let limit = limit.unwrap_or(u64::MAX);
     if instruction_mode {
@@ -492,7 +486,7 @@ fn read_source(
                 if doc.text.trim().is_empty() {
                     stats.drop_doc(name, "empty", "");
                 } else {
-                    docs.push(doc);
+                    docs.push(doc, stats);
                 }
             }
             true
@@ -507,7 +501,7 @@ fn read_source(
         if doc.text.trim().is_empty() {
             stats.drop_doc(name, "empty", "");
         } else {
-            docs.push(doc);
+            docs.push(doc, stats);
         }
     };
     match source.format {
@@ -672,6 +666,209 @@ pub struct Prepared {
     pub stats: PrepareStats,
 }
 
+/// Documents per batch of the per-document stages and of tokenization.
+const BATCH_DOCS: usize = 4096;
+
+/// Documents in, documents out and seconds of one stage, summed over batches.
+#[derive(Clone, Copy, Default)]
+struct StageAcc {
+    documents_in: u64,
+    documents_out: u64,
+    seconds: f64,
+}
+
+impl StageAcc {
+    fn add(&mut self, documents_in: usize, documents_out: usize, started: Instant) {
+        self.documents_in += documents_in as u64;
+        self.documents_out += documents_out as u64;
+        self.seconds += started.elapsed().as_secs_f64();
+    }
+
+    fn stats(&self, name: &str) -> StageStats {
+        StageStats {
+            name: name.to_string(),
+            documents_in: self.documents_in,
+            documents_out: self.documents_out,
+            seconds: self.seconds,
+        }
+    }
+}
+
+/// The per-document stages — cleaning, URL and exact dedup, the quality rules and the
+/// MinHash signature — applied to batches of documents as they are read. Survivors go to
+/// the spill; in memory stay only a hash per URL and per text, and the MinHash band keys.
+struct Batcher<'a> {
+    spec: &'a taper_crds::DatasetSpec,
+    filter: clean::QualityFilter,
+    batch: Vec<Doc>,
+    seen_urls: HashSet<u128>,
+    seen_texts: HashSet<u128>,
+    minhash: Option<(dedup::MinHasher, dedup::MinHashParams)>,
+    /// Band keys of each spilled document (`None`: no shingles).
+    band_keys: Vec<Option<Box<[u64]>>>,
+    spill: Spill,
+    read_out: u64,
+    clean: StageAcc,
+    url: StageAcc,
+    exact: StageAcc,
+    quality: StageAcc,
+    signatures: StageAcc,
+    /// The first error of a batch (reported when the source it came from is done).
+    error: Option<JobError>,
+}
+
+impl Batcher<'_> {
+    /// Take a document that was read (not empty).
+    fn push(&mut self, doc: Doc, stats: &mut PrepareStats) {
+        self.read_out += 1;
+        self.batch.push(doc);
+        if self.batch.len() >= BATCH_DOCS {
+            self.flush(stats);
+        }
+    }
+
+    /// Run the per-document stages on the batch.
+    fn flush(&mut self, stats: &mut PrepareStats) {
+        if self.error.is_none()
+            && let Err(e) = self.run_batch(stats)
+        {
+            self.error = Some(e);
+        }
+        self.batch.clear();
+    }
+
+    fn run_batch(&mut self, stats: &mut PrepareStats) -> Result<(), JobError> {
+        let names: Vec<&str> = self.spec.sources.iter().map(|s| s.name.as_str()).collect();
+        let docs = std::mem::take(&mut self.batch);
+        let filter = &self.filter;
+
+        // Cleaning: markup, Unicode, whitespace, boilerplate, in parallel. Instruction
+        // records were normalised field by field when read; markup and whitespace are
+        // content in their (code) answers.
+        let t = Instant::now();
+        let n_in = docs.len();
+        let texts: Vec<String> = docs
+            .par_iter()
+            .map(|d| {
+                if d.record.is_some() {
+                    d.text.clone()
+                } else {
+                    filter.clean(&d.text)
+                }
+            })
+            .collect();
+        let mut cleaned = Vec::with_capacity(docs.len());
+        for (mut d, text) in docs.into_iter().zip(texts) {
+            if text.trim().is_empty() {
+                stats.drop_doc(names[d.source], "emptyAfterCleaning", &d.text);
+            } else {
+                d.text = text;
+                cleaned.push(d);
+            }
+        }
+        let mut docs = cleaned;
+        self.clean.add(n_in, docs.len(), t);
+
+        if self.spec.dedup.url {
+            let t = Instant::now();
+            let n_in = docs.len();
+            docs.retain(|d| match &d.url {
+                Some(u)
+                    if !self
+                        .seen_urls
+                        .insert(xxh3_128(dedup::normalize_url(u).as_bytes())) =>
+                {
+                    stats.drop_doc(names[d.source], "urlDuplicate", &d.text);
+                    false
+                }
+                _ => true,
+            });
+            self.url.add(n_in, docs.len(), t);
+        }
+        if self.spec.dedup.exact {
+            let t = Instant::now();
+            let n_in = docs.len();
+            docs.retain(|d| {
+                if self.seen_texts.insert(dedup::content_key(&d.text)) {
+                    true
+                } else {
+                    stats.drop_doc(names[d.source], "exactDuplicate", &d.text);
+                    false
+                }
+            });
+            self.exact.add(n_in, docs.len(), t);
+        }
+
+        // Quality rules (Gopher, then C4's line and document rules) and the length bounds.
+        let t = Instant::now();
+        let n_in = docs.len();
+        let verdicts: Vec<clean::Verdict> = docs
+            .par_iter()
+            .map(|d| {
+                if d.record.is_some() {
+                    Ok(d.text.clone())
+                } else {
+                    filter.judge(&d.text)
+                }
+            })
+            .collect();
+        let mut kept = Vec::with_capacity(docs.len());
+        for (mut d, verdict) in docs.into_iter().zip(verdicts) {
+            match verdict {
+                Err(rule) => stats.drop_doc(names[d.source], &clean::rule_name(rule), &d.text),
+                Ok(text) if !filter.length_ok(&text) => {
+                    stats.drop_doc(names[d.source], "length", &text)
+                }
+                Ok(text) => {
+                    d.text = text;
+                    kept.push(d);
+                }
+            }
+        }
+        self.quality.add(n_in, kept.len(), t);
+
+        if let Some((hasher, params)) = &self.minhash {
+            let t = Instant::now();
+            let keys: Vec<Option<Box<[u64]>>> = kept
+                .par_iter()
+                .map(|d| {
+                    let shingles = dedup::shingles(&d.text, params.ngram);
+                    dedup::band_keys(&hasher.signature(&shingles), *params)
+                        .map(Vec::into_boxed_slice)
+                })
+                .collect();
+            self.band_keys.extend(keys);
+            self.signatures.add(kept.len(), kept.len(), t);
+        }
+        for d in &kept {
+            self.spill.push(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of the selecting stages: the surviving documents on disk, which of them
+/// are kept, and which of those are test documents.
+struct Selection {
+    /// Spilled documents (dropped near-duplicates and contaminated ones included).
+    spill: Spill,
+    /// Spill indices of the kept documents, in order, with whether each is a test one.
+    kept: Vec<(usize, bool)>,
+    stats: PrepareStats,
+    /// Where the spill lives; removed after it.
+    _spool: sources::Spool,
+}
+
+impl Selection {
+    /// Kept documents of one split (`test`), in order.
+    fn split(&self, test: bool) -> impl Iterator<Item = usize> + '_ {
+        self.kept
+            .iter()
+            .filter(move |(_, t)| *t == test)
+            .map(|(i, _)| *i)
+    }
+}
+
 /// Run every stage up to tokenization on `ds`'s sources.
 pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
     select_documents_with(ds, None)
@@ -679,6 +876,23 @@ pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
 
 /// [`select_documents`] on at most `limit` records of each source (a dry run's sample).
 pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepared, JobError> {
+    let sel = select(ds, limit)?;
+    let load = |test: bool| -> Result<Vec<Doc>, JobError> {
+        sel.split(test).map(|i| sel.spill.get(i)).collect()
+    };
+    let (train, test) = (load(false)?, load(true)?);
+    Ok(Prepared {
+        train_sources: train.iter().map(|d| d.source).collect(),
+        test_sources: test.iter().map(|d| d.source).collect(),
+        train_records: train.iter().filter_map(|d| d.record.clone()).collect(),
+        test_records: test.iter().filter_map(|d| d.record.clone()).collect(),
+        train: train.into_iter().map(|d| d.text).collect(),
+        test: test.into_iter().map(|d| d.text).collect(),
+        stats: sel.stats.clone(),
+    })
+}
+
+fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
     let spec = &ds.spec;
     let instruction_mode = spec.format == DatasetFormat::Instruction;
     if spec.dedup.substring.enabled && instruction_mode {
@@ -688,7 +902,6 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     }
     let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
     let mut stats = PrepareStats::default();
-    let mut docs = Vec::new();
     let t = Instant::now();
     // S3 listings and downloads, and HTTP downloads, run on a small runtime of their own.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -697,6 +910,29 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         .build()
         .map_err(|e| JobError::Internal(format!("tokio runtime: {e}")))?;
     let spool = sources::Spool::new();
+    let mh = &spec.dedup.minhash;
+    let params = dedup::MinHashParams::new(
+        mh.ngram.max(1) as usize,
+        mh.permutations.max(1) as usize,
+        mh.threshold,
+    );
+    let mut docs = Batcher {
+        spec,
+        filter: clean::QualityFilter::new(&spec.cleaning, instruction_mode),
+        batch: Vec::with_capacity(BATCH_DOCS),
+        seen_urls: HashSet::new(),
+        seen_texts: HashSet::new(),
+        minhash: mh.enabled.then(|| (dedup::MinHasher::new(params), params)),
+        band_keys: Vec::new(),
+        spill: Spill::create(spool.path().join("documents.jsonl"))?,
+        read_out: 0,
+        clean: StageAcc::default(),
+        url: StageAcc::default(),
+        exact: StageAcc::default(),
+        quality: StageAcc::default(),
+        signatures: StageAcc::default(),
+        error: None,
+    };
     for (i, source) in spec.sources.iter().enumerate() {
         let objects = sources::list(&rt, source)?;
         let bar = stage_bar(&format!("read {}", source.name), objects.len(), "files");
@@ -723,144 +959,87 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
                 }
                 e => e,
             })?;
+            if let Some(e) = docs.error.take() {
+                return Err(e);
+            }
             bar.inc(1);
         }
         bar.finish_and_clear();
     }
-    drop((spool, rt));
-    stats.stage("read", stats.documents_read as usize, docs.len(), t);
-
-    // Cleaning: markup, Unicode, whitespace, boilerplate (in parallel; the rayon pool has
-    // one thread per core unless RAYON_NUM_THREADS says otherwise).
-    let t = Instant::now();
-    let filter = clean::QualityFilter::new(&spec.cleaning, instruction_mode);
-    let n_in = docs.len();
-    // Instruction records were normalised field by field when read; markup and whitespace
-    // are content in their (code) answers.
-    let bar = stage_bar("clean", docs.len(), "docs");
-    let texts: Vec<String> = docs
-        .par_iter()
-        .map(|d| {
-            bar.inc(1);
-            if d.record.is_some() {
-                d.text.clone()
-            } else {
-                filter.clean(&d.text)
-            }
-        })
-        .collect();
-    bar.finish_and_clear();
-    let mut cleaned = Vec::with_capacity(docs.len());
-    for (mut d, text) in docs.into_iter().zip(texts) {
-        if text.trim().is_empty() {
-            stats.drop_doc(names[d.source], "emptyAfterCleaning", &d.text);
-        } else {
-            d.text = text;
-            cleaned.push(d);
-        }
+    docs.flush(&mut stats);
+    if let Some(e) = docs.error.take() {
+        return Err(e);
     }
-    let mut docs = cleaned;
-    stats.stage("clean", n_in, docs.len(), t);
-
+    drop(rt);
+    let mut spill = docs.spill;
+    spill.finish()?;
+    let per_document = docs.clean.seconds
+        + docs.url.seconds
+        + docs.exact.seconds
+        + docs.quality.seconds
+        + docs.signatures.seconds;
+    let read = StageAcc {
+        documents_in: stats.documents_read,
+        documents_out: docs.read_out,
+        seconds: (t.elapsed().as_secs_f64() - per_document).max(0.0),
+    };
+    stats.stages.push(read.stats("read"));
+    stats.stages.push(docs.clean.stats("clean"));
     if spec.dedup.url {
-        let t = Instant::now();
-        let n_in = docs.len();
-        let mut seen = HashSet::new();
-        docs.retain(|d| match &d.url {
-            Some(u) if !seen.insert(dedup::normalize_url(u)) => {
-                stats.drop_doc(names[d.source], "urlDuplicate", &d.text);
-                false
-            }
-            _ => true,
-        });
-        stats.stage("urlDedup", n_in, docs.len(), t);
+        stats.stages.push(docs.url.stats("urlDedup"));
     }
     if spec.dedup.exact {
-        let t = Instant::now();
-        let n_in = docs.len();
-        let mut seen = HashSet::new();
-        docs.retain(|d| {
-            if seen.insert(dedup::content_key(&d.text)) {
-                true
-            } else {
-                stats.drop_doc(names[d.source], "exactDuplicate", &d.text);
-                false
-            }
-        });
-        stats.stage("exactDedup", n_in, docs.len(), t);
+        stats.stages.push(docs.exact.stats("exactDedup"));
     }
+    stats.stages.push(docs.quality.stats("quality"));
 
-    // Quality rules (Gopher, then C4's line and document rules) and the length bounds.
-    let t = Instant::now();
-    let n_in = docs.len();
-    let bar = stage_bar("quality", docs.len(), "docs");
-    let verdicts: Vec<clean::Verdict> = docs
-        .par_iter()
-        .map(|d| {
-            bar.inc(1);
-            if d.record.is_some() {
-                Ok(d.text.clone())
-            } else {
-                filter.judge(&d.text)
-            }
-        })
-        .collect();
-    bar.finish_and_clear();
-    let mut kept = Vec::with_capacity(docs.len());
-    for (mut d, verdict) in docs.into_iter().zip(verdicts) {
-        match verdict {
-            Err(rule) => stats.drop_doc(names[d.source], &clean::rule_name(rule), &d.text),
-            Ok(text) if !filter.length_ok(&text) => {
-                stats.drop_doc(names[d.source], "length", &text)
-            }
-            Ok(text) => {
-                d.text = text;
-                kept.push(d);
-            }
-        }
-    }
-    let mut docs = kept;
-    stats.stage("quality", n_in, docs.len(), t);
-
-    let mh = &spec.dedup.minhash;
+    // MinHash near-duplicates across all sources: candidates share a band bucket; each
+    // pair is confirmed by the exact Jaccard similarity of the two documents' shingles,
+    // read back from the spill.
+    let n = spill.len();
+    let mut keep = vec![true; n];
     if mh.enabled {
         let t = Instant::now();
-        let n_in = docs.len();
-        let params = dedup::MinHashParams::new(
-            mh.ngram.max(1) as usize,
-            mh.permutations.max(1) as usize,
-            mh.threshold,
-        );
-        let hasher = dedup::MinHasher::new(params);
-        let sets: Vec<Vec<u64>> = docs
-            .par_iter()
-            .map(|d| dedup::shingles(&d.text, params.ngram))
-            .collect();
-        let bar = stage_bar("minhash", sets.len(), "docs");
-        let signatures: Vec<Vec<u64>> = sets
-            .par_iter()
-            .map(|s| {
-                bar.inc(1);
-                hasher.signature(s)
-            })
-            .collect();
-        bar.finish_and_clear();
-        let keep = dedup::near_duplicates(&signatures, params, |i, j| {
-            dedup::jaccard(&sets[i], &sets[j]) >= params.threshold
-        });
-        let mut i = 0;
-        docs.retain(|d| {
-            let k = keep[i];
-            i += 1;
-            if !k {
-                stats.drop_doc(names[d.source], "nearDuplicate", &d.text);
+        let band_keys = &docs.band_keys;
+        let mut cache: HashMap<usize, Vec<u64>> = HashMap::new();
+        let mut failure = None;
+        let mut shingles = |i: usize| -> Vec<u64> {
+            if cache.len() > 65_536 {
+                cache.clear();
             }
-            k
-        });
+            cache
+                .entry(i)
+                .or_insert_with(|| match spill.get(i) {
+                    Ok(d) => dedup::shingles(&d.text, params.ngram),
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                        Vec::new()
+                    }
+                })
+                .clone()
+        };
+        keep = dedup::near_duplicates_by_keys(
+            n,
+            params.bands,
+            |i, b| band_keys[i].as_ref().map(|k| k[b]),
+            |i, j| dedup::jaccard(&shingles(i), &shingles(j)) >= params.threshold,
+        );
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (i, _) in keep.iter().enumerate().filter(|(_, k)| !**k) {
+            let d = spill.get(i)?;
+            stats.drop_doc(names[d.source], "nearDuplicate", &d.text);
+        }
+        let kept = keep.iter().filter(|k| **k).count();
+        let mut acc = docs.signatures;
+        acc.add(0, 0, t);
+        acc.documents_out = kept as u64;
         stats.minhash = Some([params.ngram, params.bands, params.rows]);
-        stats.stage("minhashDedup", n_in, docs.len(), t);
+        stats.stages.push(acc.stats("minhashDedup"));
     }
-    if docs.is_empty() {
+    let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+    if kept.is_empty() {
         return Err(JobError::Data(format!(
             "no document left after filtering: {}",
             serde_json::to_string(&stats).unwrap_or_default()
@@ -869,7 +1048,7 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
 
     // Document-level split, deterministic in the seed.
     let t = Instant::now();
-    let n = docs.len();
+    let n = kept.len();
     let test_size = spec.split.test_size;
     let n_test = if test_size < 1.0 {
         ((test_size * n as f64).round() as usize).max(1)
@@ -884,53 +1063,70 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
         is_test[i] = true;
     }
     stats.stage("split", n, n, t);
+    let mut kept: Vec<(usize, bool)> = kept.into_iter().zip(is_test).collect();
 
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    for (d, t) in docs.into_iter().zip(is_test) {
-        if t { test.push(d) } else { train.push(d) }
-    }
+    // Decontamination: test documents sharing a long word n-gram with any train document
+    // are dropped. The n-grams of the (small) test split are held; train streams past.
     let decon = &spec.dedup.decontamination;
     if decon.enabled {
         let t = Instant::now();
         let n_gram = decon.ngram.max(1) as usize;
-        let train_grams: HashSet<u64> = train
-            .iter()
-            .flat_map(|d| ngram_hashes(&d.text, n_gram))
-            .collect();
-        let n_in = train.len() + test.len();
-        test.retain(|d| {
-            let mut grams = ngram_hashes(&d.text, n_gram);
-            if grams.any(|g| train_grams.contains(&g)) {
-                stats.drop_doc(names[d.source], "contaminated", &d.text);
-                false
-            } else {
-                true
+        let mut test_grams: HashMap<u64, Vec<usize>> = HashMap::new();
+        for &(i, _) in kept.iter().filter(|(_, t)| *t) {
+            let text = spill.get(i)?.text;
+            for g in ngram_hashes(&text, n_gram) {
+                let ids = test_grams.entry(g).or_default();
+                if ids.last() != Some(&i) {
+                    ids.push(i);
+                }
             }
+        }
+        let train: Vec<usize> = kept.iter().filter(|(_, t)| !*t).map(|(i, _)| *i).collect();
+        let hits: Vec<usize> = train
+            .par_iter()
+            .map(|&i| -> Result<Vec<usize>, JobError> {
+                let text = spill.get(i)?.text;
+                Ok(ngram_hashes(&text, n_gram)
+                    .filter_map(|g| test_grams.get(&g))
+                    .flatten()
+                    .copied()
+                    .collect())
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let contaminated: HashSet<usize> = hits.into_iter().collect();
+        let n_in = kept.len();
+        let mut dropped = Vec::new();
+        kept.retain(|(i, _)| {
+            let keep = !contaminated.contains(i);
+            if !keep {
+                dropped.push(*i);
+            }
+            keep
         });
-        stats.stage("decontaminate", n_in, train.len() + test.len(), t);
+        for i in dropped {
+            let d = spill.get(i)?;
+            stats.drop_doc(names[d.source], "contaminated", &d.text);
+        }
+        stats.stage("decontaminate", n_in, kept.len(), t);
     }
     let mut kept_per_source: HashMap<usize, u64> = HashMap::new();
-    for d in train.iter().chain(&test) {
-        *kept_per_source.entry(d.source).or_default() += 1;
+    for &(i, _) in &kept {
+        *kept_per_source.entry(spill.source(i)).or_default() += 1;
     }
     for (i, name) in names.iter().enumerate() {
         stats.sources.entry(name.to_string()).or_default().kept =
             kept_per_source.get(&i).copied().unwrap_or(0);
     }
-    stats.train_documents = train.len() as u64;
-    stats.test_documents = test.len() as u64;
-    let train_records = train.iter().filter_map(|d| d.record.clone()).collect();
-    let test_records = test.iter().filter_map(|d| d.record.clone()).collect();
-    let train_sources = train.iter().map(|d| d.source).collect();
-    let test_sources = test.iter().map(|d| d.source).collect();
-    Ok(Prepared {
-        train_sources,
-        test_sources,
-        train: train.into_iter().map(|d| d.text).collect(),
-        test: test.into_iter().map(|d| d.text).collect(),
-        train_records,
-        test_records,
+    stats.test_documents = kept.iter().filter(|(_, t)| *t).count() as u64;
+    stats.train_documents = kept.len() as u64 - stats.test_documents;
+    Ok(Selection {
+        spill,
+        kept,
         stats,
+        _spool: spool,
     })
 }
 
@@ -967,7 +1163,141 @@ fn unkeep(stats: &mut PrepareStats, source: &str, train: bool, reason: &str) {
     }
 }
 
+/// Shards of one split written to local files as tokens arrive: `SHARD_TOKENS` tokens
+/// each, with their sha256 computed on the way (and a mask file beside each for
+/// instruction data).
+struct ShardWriter {
+    split: &'static str,
+    dir: PathBuf,
+    dtype: TokenDtype,
+    masked: bool,
+    open: Option<OpenShard>,
+    done: Vec<ShardInfo>,
+}
+
+struct OpenShard {
+    tokens: std::io::BufWriter<std::fs::File>,
+    tokens_sha: Sha256,
+    mask: Option<(std::io::BufWriter<std::fs::File>, Sha256)>,
+    count: usize,
+}
+
+impl ShardWriter {
+    fn new(split: &'static str, dir: &Path, dtype: TokenDtype, masked: bool) -> Self {
+        Self {
+            split,
+            dir: dir.to_path_buf(),
+            dtype,
+            masked,
+            open: None,
+            done: Vec::new(),
+        }
+    }
+
+    fn io(&self, e: std::io::Error) -> JobError {
+        JobError::Store(store::StoreError::Io {
+            path: self.dir.display().to_string(),
+            source: e,
+        })
+    }
+
+    fn file(&self, i: usize, mask: bool) -> String {
+        let kind = if mask { ".mask" } else { "" };
+        format!("{}-{i:05}{kind}.bin", self.split)
+    }
+
+    /// Append one example's tokens (and mask).
+    fn append(&mut self, mut tokens: &[u32], mut mask: Option<&[u8]>) -> Result<(), JobError> {
+        use std::io::Write;
+        while !tokens.is_empty() {
+            if self.open.is_none() {
+                let i = self.done.len();
+                let create = |name: String| {
+                    std::fs::File::create(self.dir.join(name))
+                        .map(|f| std::io::BufWriter::with_capacity(1 << 20, f))
+                };
+                let t = create(self.file(i, false)).map_err(|e| self.io(e))?;
+                let m = if self.masked {
+                    Some((
+                        create(self.file(i, true)).map_err(|e| self.io(e))?,
+                        Sha256::new(),
+                    ))
+                } else {
+                    None
+                };
+                self.open = Some(OpenShard {
+                    tokens: t,
+                    tokens_sha: Sha256::new(),
+                    mask: m,
+                    count: 0,
+                });
+            }
+            let Some(shard) = self.open.as_mut() else {
+                break;
+            };
+            let room = SHARD_TOKENS - shard.count;
+            let n = room.min(tokens.len());
+            let bytes = tokenize::to_bytes(&tokens[..n], self.dtype);
+            shard.tokens_sha.update(&bytes);
+            let written = shard.tokens.write_all(&bytes);
+            let mut mask_written = Ok(());
+            if let (Some((w, sha)), Some(m)) = (shard.mask.as_mut(), mask) {
+                sha.update(&m[..n]);
+                mask_written = w.write_all(&m[..n]);
+                mask = Some(&m[n..]);
+            }
+            shard.count += n;
+            let full = shard.count == SHARD_TOKENS;
+            written.and(mask_written).map_err(|e| self.io(e))?;
+            tokens = &tokens[n..];
+            if full {
+                self.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<(), JobError> {
+        use std::io::Write;
+        let Some(mut shard) = self.open.take() else {
+            return Ok(());
+        };
+        let i = self.done.len();
+        shard.tokens.flush().map_err(|e| self.io(e))?;
+        let mask = match shard.mask {
+            Some((mut w, sha)) => {
+                w.flush().map_err(|e| self.io(e))?;
+                Some(MaskInfo {
+                    file: self.file(i, true),
+                    sha256: hex::encode(sha.finalize()),
+                })
+            }
+            None => None,
+        };
+        self.done.push(ShardInfo {
+            file: self.file(i, false),
+            tokens: shard.count as u64,
+            sha256: hex::encode(shard.tokens_sha.finalize()),
+            mask,
+        });
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<ShardInfo>, JobError> {
+        self.close()?;
+        Ok(self.done)
+    }
+}
+
+/// One encoded document: its tokens, its loss mask (instruction data) and whether it was
+/// cut at `maxSeqLength`.
+type Encoded = (Vec<u32>, Option<Vec<u8>>, bool);
+
 /// Prepare `ds` and publish it to its `spec.output`. Returns the stats it published.
+///
+/// Documents stream from the selection's spill through the tokenizer (a batch at a time,
+/// in parallel) into shard files in a local staging folder, which are then uploaded;
+/// `stats.json` and, last, `manifest.json` follow.
 pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStats, JobError> {
     let spec = &ds.spec;
     let tokenizer = match (spec.tokenizer.type_, spec.tokenizer.uri.as_deref()) {
@@ -987,21 +1317,24 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let output = spec.output.as_ref().ok_or_else(|| {
         JobError::Spec("spec.output is unset (the operator fills it in a cluster)".into())
     })?;
-    let Prepared {
-        train: train_docs,
-        test: test_docs,
-        train_records,
-        test_records,
-        train_sources,
-        test_sources,
-        mut stats,
-    } = select_documents(ds)?;
-    let prepared_sources: Vec<usize> = train_sources.into_iter().chain(test_sources).collect();
+    let sel = select(ds, None)?;
+    let mut stats = sel.stats.clone();
     let instruction_mode = spec.format == DatasetFormat::Instruction;
-
-    // Documents are tokenized in parallel and concatenated in order, each followed by EOT.
-    let t = Instant::now();
     let eot = tokenizer.eot();
+    let dtype = tokenizer.dtype();
+    let staging = sources::Spool::new();
+    std::fs::create_dir_all(staging.path()).map_err(|e| {
+        JobError::Store(store::StoreError::Io {
+            path: staging.path().display().to_string(),
+            source: e,
+        })
+    })?;
+    let mut writers = [
+        ShardWriter::new("train", staging.path(), dtype, instruction_mode),
+        ShardWriter::new("test", staging.path(), dtype, instruction_mode),
+    ];
+
+    let t = Instant::now();
     let encode = |text: &str| {
         tokenizer.encode(text).map_err(|e| {
             JobError::Data(format!(
@@ -1010,148 +1343,160 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
             ))
         })
     };
-    let bar = stage_bar(
-        "tokenize",
-        train_docs.len() + test_docs.len() + train_records.len() + test_records.len(),
-        "docs",
-    );
-    let encode_docs = |docs: &[String]| -> Result<Vec<Vec<u32>>, JobError> {
-        docs.par_iter()
-            .map(|d| {
-                bar.inc(1);
-                encode(d)
-            })
-            .collect()
-    };
-    let concat = |pieces: Vec<Vec<u32>>| -> Vec<u32> {
-        let mut out = Vec::with_capacity(pieces.iter().map(|p| p.len() + 1).sum());
-        for p in pieces.into_iter().filter(|p| !p.is_empty()) {
-            out.extend(p);
-            out.push(eot);
-        }
-        out
-    };
-    // Instruction examples: prompt and response tokenized apart, so that the mask covers
-    // exactly the response; each cut at maxSeqLength.
     let ispec = &spec.instruction;
     let max_len = ispec.max_seq_length.max(2) as usize;
-    // `None` for an example whose prompt alone fills maxSeqLength: no response token would
-    // be left to learn from.
-    let encode_records = |records: &[instruction::Record]| -> Result<Vec<Option<_>>, JobError> {
-        records
-            .par_iter()
-            .map(|r| {
-                bar.inc(1);
-                let prompt = encode(&instruction::alpaca_prompt(r))?;
-                if prompt.len() + 1 >= max_len {
-                    return Ok(None);
+    let substring_chunk = spec.dedup.substring.enabled.then(|| {
+        std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(substring::DEFAULT_CHUNK_TOKENS)
+    });
+    let mut substring_stats: Option<substring::SubstringStats> = None;
+    let mut substring_acc = StageAcc::default();
+    // Train documents, then test ones: exact-substring dedup sees train first.
+    let order: Vec<(usize, bool)> = sel
+        .split(false)
+        .map(|i| (i, false))
+        .chain(sel.split(true).map(|i| (i, true)))
+        .collect();
+    let bar = stage_bar("tokenize", order.len(), "docs");
+    // Encoded documents waiting to be written: (tokens, mask, test, source).
+    type Piece = (Vec<u32>, Option<Vec<u8>>, bool, usize);
+    let mut pending: Vec<Piece> = Vec::new();
+    let mut pending_tokens = 0usize;
+    let mut truncated = 0u64;
+    let mut write_out = |pending: &mut Vec<Piece>,
+                         stats: &mut PrepareStats,
+                         writers: &mut [ShardWriter; 2]|
+     -> Result<(), JobError> {
+        if let Some(chunk) = substring_chunk
+            && !pending.is_empty()
+        {
+            let t = Instant::now();
+            let n_in = pending.len();
+            let mut docs: Vec<Vec<u32>> = pending
+                .iter_mut()
+                .map(|p| std::mem::take(&mut p.0))
+                .collect();
+            let k = spec.dedup.substring.min_length.max(1) as usize;
+            let s = substring::dedup(&mut docs, k, chunk)
+                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
+            for (p, d) in pending.iter_mut().zip(docs) {
+                p.0 = d;
+                if p.0.is_empty() {
+                    unkeep(stats, &spec.sources[p.3].name, !p.2, "substringDuplicate");
                 }
-                let response = encode(&r.output)?;
-                Ok(Some(instruction::encode(
-                    &prompt,
-                    &response,
-                    eot,
-                    ispec.mask_prompt,
-                    max_len,
-                )))
-            })
-            .collect()
+            }
+            let acc = substring_stats.get_or_insert_with(|| substring::SubstringStats {
+                min_length: k as u64,
+                ..Default::default()
+            });
+            acc.tokens_in += s.tokens_in;
+            acc.tokens_removed += s.tokens_removed;
+            acc.spans_removed += s.spans_removed;
+            acc.documents_changed += s.documents_changed;
+            acc.chunks += s.chunks;
+            let out = pending.iter().filter(|p| !p.0.is_empty()).count();
+            substring_acc.add(n_in, out, t);
+        }
+        for (mut tokens, mask, test, _) in pending.drain(..) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let w = &mut writers[usize::from(test)];
+            match mask {
+                Some(m) => w.append(&tokens, Some(&m))?,
+                None => {
+                    tokens.push(eot);
+                    w.append(&tokens, None)?;
+                }
+            }
+        }
+        Ok(())
     };
-    let n_train = train_docs.len().max(train_records.len());
-    let (train, test, train_mask, test_mask) = if instruction_mode {
-        let mut pieces = encode_records(&train_records)?;
-        pieces.extend(encode_records(&test_records)?);
-        let (mut tokens, mut masks, mut cut) =
-            ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()], 0);
-        for (i, piece) in pieces.into_iter().enumerate() {
-            let split = usize::from(i >= n_train);
-            match piece {
-                Some((t, m, c)) => {
-                    tokens[split].extend(t);
-                    masks[split].extend(m);
-                    cut += u64::from(c);
+    for batch in order.chunks(BATCH_DOCS) {
+        let docs: Vec<Doc> = batch
+            .par_iter()
+            .map(|&(i, _)| sel.spill.get(i))
+            .collect::<Result<_, _>>()?;
+        // An instruction example whose prompt alone fills maxSeqLength is `None`: no
+        // response token would be left to learn from.
+        let encoded: Vec<Option<Encoded>> = docs
+            .par_iter()
+            .map(|d| {
+                bar.inc(1);
+                match &d.record {
+                    Some(r) if instruction_mode => {
+                        let prompt = encode(&instruction::alpaca_prompt(r))?;
+                        if prompt.len() + 1 >= max_len {
+                            return Ok(None);
+                        }
+                        let response = encode(&r.output)?;
+                        let (t, m, cut) = instruction::encode(
+                            &prompt,
+                            &response,
+                            eot,
+                            ispec.mask_prompt,
+                            max_len,
+                        );
+                        Ok(Some((t, Some(m), cut)))
+                    }
+                    _ => Ok(Some((encode(&d.text)?, None, false))),
+                }
+            })
+            .collect::<Result<_, JobError>>()?;
+        for ((d, e), &(_, test)) in docs.iter().zip(encoded).zip(batch) {
+            match e {
+                Some((tokens, mask, cut)) => {
+                    truncated += u64::from(cut);
+                    pending_tokens += tokens.len() + 1;
+                    pending.push((tokens, mask, test, d.source));
                 }
                 None => unkeep(
                     &mut stats,
-                    &spec.sources[prepared_sources[i]].name,
-                    split == 0,
+                    &spec.sources[d.source].name,
+                    !test,
                     "promptTooLong",
                 ),
             }
         }
-        stats.truncated = Some(cut);
-        let [train, test] = tokens;
-        let [train_mask, test_mask] = masks;
-        (train, test, Some(train_mask), Some(test_mask))
-    } else {
-        let mut pieces = encode_docs(&train_docs)?;
-        pieces.extend(encode_docs(&test_docs)?);
-        let n = pieces.len();
-        stats.stage("tokenize", n, n, t);
-        if spec.dedup.substring.enabled {
-            let t = Instant::now();
-            let chunk = std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(substring::DEFAULT_CHUNK_TOKENS);
-            let k = spec.dedup.substring.min_length.max(1) as usize;
-            let sub = substring::dedup(&mut pieces, k, chunk)
-                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
-            // A document left without tokens is a duplicate through and through.
-            for (i, piece) in pieces.iter().enumerate() {
-                if piece.is_empty() {
-                    let name = &spec.sources[prepared_sources[i]].name;
-                    unkeep(&mut stats, name, i < n_train, "substringDuplicate");
-                }
-            }
-            let out = pieces.iter().filter(|p| !p.is_empty()).count();
-            stats.substring = Some(sub);
-            stats.stage("substringDedup", n, out, t);
+        // Without substring dedup, every batch is written at once; with it, batches
+        // gather into chunks of up to TAPER_SUBSTRING_CHUNK_TOKENS tokens.
+        if substring_chunk.is_none_or(|c| pending_tokens >= c) {
+            write_out(&mut pending, &mut stats, &mut writers)?;
+            pending_tokens = 0;
         }
-        let test = pieces.split_off(n_train);
-        (concat(pieces), concat(test), None, None)
-    };
-    bar.finish_and_clear();
-    let dtype = tokenizer.dtype();
-    if instruction_mode {
-        let n = train_records.len() + test_records.len();
-        stats.stage("tokenize", n, n, t);
     }
-    stats.train_tokens = train.len() as u64;
-    stats.test_tokens = test.len() as u64;
+    write_out(&mut pending, &mut stats, &mut writers)?;
+    bar.finish_and_clear();
+    let n = order.len();
+    let substring_seconds = substring_acc.seconds;
+    let mut tokenize_acc = StageAcc::default();
+    tokenize_acc.add(n, n, t);
+    tokenize_acc.seconds -= substring_seconds;
+    stats.stages.push(tokenize_acc.stats("tokenize"));
+    if let Some(s) = substring_stats {
+        stats.substring = Some(s);
+        stats.stages.push(substring_acc.stats("substringDedup"));
+    }
+    if instruction_mode {
+        stats.truncated = Some(truncated);
+    }
+    let [train_writer, test_writer] = writers;
+    let train_shards = train_writer.finish()?;
+    let test_shards = test_writer.finish()?;
+    stats.train_tokens = train_shards.iter().map(|s| s.tokens).sum();
+    stats.test_tokens = test_shards.iter().map(|s| s.tokens).sum();
 
     let store = rt.block_on(store::open(&output.uri, output.access.as_ref()))?;
     // A previous manifest is removed first: readers never see it next to new shards.
     rt.block_on(store.delete("manifest.json"))?;
-    let shard_infos =
-        |split: &str, tokens: &[u32], mask: Option<&Vec<u8>>| -> Result<Vec<ShardInfo>, JobError> {
-            let mut infos = Vec::new();
-            for (i, chunk) in tokens.chunks(SHARD_TOKENS).enumerate() {
-                let mask_info = match mask {
-                    Some(m) => {
-                        let bytes = m[i * SHARD_TOKENS..(i * SHARD_TOKENS + chunk.len())].to_vec();
-                        let sha = hex::encode(Sha256::digest(&bytes));
-                        let file = format!("{split}-{i:05}.mask.bin");
-                        rt.block_on(store.put(&file, bytes))?;
-                        Some(MaskInfo { file, sha256: sha })
-                    }
-                    None => None,
-                };
-                let bytes = tokenize::to_bytes(chunk, dtype);
-                let sha = hex::encode(Sha256::digest(&bytes));
-                let file = format!("{split}-{i:05}.bin");
-                rt.block_on(store.put(&file, bytes))?;
-                infos.push(ShardInfo {
-                    file,
-                    tokens: chunk.len() as u64,
-                    sha256: sha,
-                    mask: mask_info,
-                });
-            }
-            Ok(infos)
-        };
-    let train_shards = shard_infos("train", &train, train_mask.as_ref())?;
-    let test_shards = shard_infos("test", &test, test_mask.as_ref())?;
+    for shard in train_shards.iter().chain(&test_shards) {
+        rt.block_on(store.put_file(&shard.file, &staging.path().join(&shard.file)))?;
+        if let Some(m) = &shard.mask {
+            rt.block_on(store.put_file(&m.file, &staging.path().join(&m.file)))?;
+        }
+    }
     let digest = hex::encode(Sha256::digest(
         train_shards
             .iter()

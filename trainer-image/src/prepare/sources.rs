@@ -185,6 +185,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 pub(crate) struct Spool(PathBuf);
 
 impl Spool {
+    /// The folder.
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// A new, unique spool folder (created on first use).
     pub(crate) fn new() -> Self {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -1,0 +1,127 @@
+//! The documents that passed the per-document stages, kept on local disk in reading order
+//! (one JSON line each), so that a prepare run holds only a few hashes per document in
+//! memory: MinHash confirmation reads pairs back by offset, and the split,
+//! decontamination and tokenization stages stream over the file.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::instruction::Record;
+use crate::{job::JobError, store::StoreError};
+
+/// One document on its way through the stages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Doc {
+    /// Index of its source in `spec.sources`.
+    pub source: usize,
+    /// The text every stage sees; for an instruction record, its instruction, input and
+    /// output (without the template).
+    pub text: String,
+    /// Its URL, when the source maps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The record of an instruction Dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Record>,
+}
+
+/// An append-only file of documents, then a read-only map of it.
+pub(crate) struct Spill {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+    /// Where each document's line starts, and (last) the file's length.
+    offsets: Vec<u64>,
+    /// The source of each document (kept in memory: per-source counts need no read).
+    sources: Vec<u32>,
+    map: Option<memmap2::Mmap>,
+}
+
+fn io_err(path: &std::path::Path, e: std::io::Error) -> JobError {
+    JobError::Store(StoreError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
+}
+
+impl Spill {
+    /// A new, empty spill at `path`.
+    pub fn create(path: PathBuf) -> Result<Self, JobError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        }
+        let file = File::create(&path).map_err(|e| io_err(&path, e))?;
+        Ok(Self {
+            path,
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            offsets: vec![0],
+            sources: Vec::new(),
+            map: None,
+        })
+    }
+
+    /// Append `doc`; its index is the number of documents before it.
+    pub fn push(&mut self, doc: &Doc) -> Result<(), JobError> {
+        let Some(w) = self.writer.as_mut() else {
+            return Err(JobError::Internal("spill: push after finish".into()));
+        };
+        let mut line =
+            serde_json::to_vec(doc).map_err(|e| JobError::Internal(format!("spill: {e}")))?;
+        line.push(b'\n');
+        w.write_all(&line).map_err(|e| io_err(&self.path, e))?;
+        let end = self.offsets.last().copied().unwrap_or(0) + line.len() as u64;
+        self.offsets.push(end);
+        self.sources.push(doc.source as u32);
+        Ok(())
+    }
+
+    /// Documents written.
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// The source of document `i`.
+    pub fn source(&self, i: usize) -> usize {
+        self.sources[i] as usize
+    }
+
+    /// Stop writing and map the file for reading.
+    pub fn finish(&mut self) -> Result<(), JobError> {
+        if let Some(mut w) = self.writer.take() {
+            w.flush().map_err(|e| io_err(&self.path, e))?;
+        }
+        if self.len() > 0 {
+            let file = File::open(&self.path).map_err(|e| io_err(&self.path, e))?;
+            // SAFETY: the file is private to this run (a fresh spool folder) and no longer
+            // written to.
+            #[allow(unsafe_code)]
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(&self.path, e))?;
+            self.map = Some(map);
+        }
+        Ok(())
+    }
+
+    /// Document `i` (after [`Spill::finish`]).
+    pub fn get(&self, i: usize) -> Result<Doc, JobError> {
+        let map = self
+            .map
+            .as_ref()
+            .ok_or_else(|| JobError::Internal("spill: read before finish".into()))?;
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        serde_json::from_slice(&map[a..b]).map_err(|e| {
+            JobError::Internal(format!("spill {}: document {i}: {e}", self.path.display()))
+        })
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        self.map = None;
+        self.writer = None;
+        std::fs::remove_file(&self.path).ok();
+    }
+}
