@@ -1004,7 +1004,9 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
         let mut cache: HashMap<usize, Vec<u64>> = HashMap::new();
         let mut failure = None;
         let mut shingles = |i: usize| -> Vec<u64> {
-            if cache.len() > 65_536 {
+            // A bounded cache (4,096 shingle sets, tens of MB): a document meets its
+            // candidates band after band.
+            if cache.len() > 4_096 {
                 cache.clear();
             }
             cache
