@@ -14,8 +14,10 @@ Runs, each as its own process so that peak memory is its own:
   2. `taper prepare` with only the MinHash stage (14 bands x 8 rows, 5-grams) on 1 thread,
      and datatrove's four MinHash steps with the same parameters on 1 worker: seconds
      and the number of documents each removes;
-  3. tokenization: Python tiktoken's `encode_ordinary` (GPT-2) on 1 thread over the same
-     texts taper tokenized, against taper's tokenize stage on 1 thread.
+  3. tokenization: `taper prepare` with every dropping stage off, so that its tokenize
+     stage (1 thread) sees every non-empty text, next to Python tiktoken's
+     `encode_ordinary` (GPT-2, 1 thread) over those same texts; token counts printed
+     side by side to show the inputs match.
 It prints one table per part. Only ratios from one run count: the machines are shared.
 Needs, in .venv: datatrove tokenizers orjson spacy "xxhash<3.6" tiktoken (xxhash 3.6+
 refuses the str shingles datatrove 0.x hashes).
@@ -58,9 +60,9 @@ def replicate(src: Path, dst: Path, mb: int) -> tuple[int, int]:
     return size, docs
 
 
-def dataset_yaml(src: Path, out: Path, minhash_only: bool) -> str:
+def dataset_yaml(src: Path, out: Path, minhash_only: bool, tokenize_only: bool = False) -> str:
     extra = ""
-    if minhash_only:
+    if minhash_only or tokenize_only:
         extra = """  cleaning:
     stripHtml: false
     normalizeUnicode: false
@@ -72,6 +74,10 @@ def dataset_yaml(src: Path, out: Path, minhash_only: bool) -> str:
     url: false
     exact: false
     decontamination:
+      enabled: false
+"""
+    if tokenize_only:
+        extra += """    minhash:
       enabled: false
 """
     return f"""apiVersion: taper.dev/v1alpha1
@@ -219,27 +225,31 @@ def main():
             print(f"  taper / datatrove speed: {total / ours['seconds']:.1f}x")
         print()
 
-        # 3. tokenization, 1 thread: taper's stage vs Python tiktoken on the texts taper kept
-        texts = []
-        for line in corpus.open(encoding="utf-8"):
-            texts.append(json.loads(line)["text"])
-            if len(texts) >= 20000:
-                break
+        # 3. tokenization, 1 thread, like for like: every stage that drops or rewrites
+        # documents off, so that taper's tokenize stage and Python tiktoken see the same
+        # non-empty texts (taper's count includes one end-of-text token per document).
+        job = tmp / "tokenize.yaml"
+        job.write_text(dataset_yaml(corpus, tmp / "out-tokenize", False, tokenize_only=True))
+        tstats, _, _ = run_taper(taper, job, 1)
+        texts = [t for t in (json.loads(line)["text"] for line in corpus.open(encoding="utf-8")) if t.strip()]
         tfile = tmp / "texts.json"
         tfile.write_text(json.dumps(texts))
         ranks = next(Path.home().glob(".cargo/registry/src/*/tiktoken-rs-*/assets/r50k_base.tiktoken"), None)
         p = subprocess.run([a.python, "-c", TIKTOKEN, str(tfile), str(ranks)], capture_output=True, text=True)
         tk = json.loads(p.stdout.split("RESULT ", 1)[1]) if p.returncode == 0 else None
-        tok_stage = next(s for s in full[1][0]["stages"] if s["name"] == "tokenize")
-        tok_bytes = mb * 1e6 * tok_stage["documentsIn"] / docs  # approximate: pro rata
-        tok_tokens = full[1][0]["trainTokens"] + full[1][0]["testTokens"]
-        print("GPT-2 tokenization, 1 thread")
-        print(f"{'':<22} {'MB/s':>7} {'tokens/s':>12}")
-        print(f"{'taper (tokenize stage)':<22} {tok_bytes / 1e6 / tok_stage['seconds']:>7.2f} {tok_tokens / tok_stage['seconds']:>12,.0f}")
+        tok_stage = next(s for s in tstats["stages"] if s["name"] == "tokenize")
+        tok_docs = tok_stage["documentsIn"]
+        tok_tokens = tstats["trainTokens"] + tstats["testTokens"] - tok_docs
+        tok_bytes = sum(len(t.encode()) for t in texts)
+        print(f"GPT-2 tokenization, 1 thread, the same {tok_docs} texts ({len(texts)} for tiktoken)")
+        print(f"{'':<26} {'seconds':>8} {'MB/s':>7} {'tokens':>12} {'tokens/s':>12}")
+        print(f"{'taper (tokenize stage)':<26} {tok_stage['seconds']:>8.2f} {tok_bytes / 1e6 / tok_stage['seconds']:>7.2f} {tok_tokens:>12,} {tok_tokens / tok_stage['seconds']:>12,.0f}")
         if tk:
-            print(f"{'tiktoken (Python)':<22} {tk['bytes'] / 1e6 / tk['seconds']:>7.2f} {tk['tokens'] / tk['seconds']:>12,.0f}")
+            print(f"{'tiktoken (Python)':<26} {tk['seconds']:>8.2f} {tk['bytes'] / 1e6 / tk['seconds']:>7.2f} {tk['tokens']:>12,} {tk['tokens'] / tk['seconds']:>12,.0f}")
+            print(f"  taper / tiktoken: {tk['seconds'] / tok_stage['seconds']:.2f}x")
         else:
             print(f"tiktoken failed: {p.stderr[-1000:]}")
+        print("(taper's stage includes reading each document back from the spill)")
     finally:
         if a.keep:
             print(f"kept {tmp}")
