@@ -170,6 +170,13 @@ impl PrepareStats {
         }
     }
 
+    /// Whether a document dropped for `reason` would still be kept as an example.
+    fn wants_example(&self, reason: &str) -> bool {
+        self.examples
+            .get(reason)
+            .is_none_or(|e| e.len() < EXAMPLES_PER_REASON)
+    }
+
     /// Count the records read from one source.
     fn record_read(&mut self, source: &str, read: u64) {
         self.documents_read += read;
@@ -474,20 +481,22 @@ fn read_source(
     }
     let name = source.name.as_str();
     let mut read = 0u64;
+    let mut push = |doc: Doc, stats: &mut PrepareStats| {
+        if doc.text.trim().is_empty() {
+            stats.drop_doc(name, "empty", "");
+        } else {
+            docs.push(doc, stats);
+        }
+    };
     if source.format == SourceFormat::Parquet {
-        let mut n = 0u64;
         parquet_rows(path, name, |record| {
             if read >= limit {
                 return false;
             }
-            n += 1;
             read += 1;
-            if let Some(doc) = record_doc(source, index, Some(record), &format!("row {n}"), stats) {
-                if doc.text.trim().is_empty() {
-                    stats.drop_doc(name, "empty", "");
-                } else {
-                    docs.push(doc, stats);
-                }
+            let row = format!("row {read}");
+            if let Some(doc) = record_doc(source, index, Some(record), &row, stats) {
+                push(doc, stats);
             }
             true
         })?;
@@ -497,13 +506,6 @@ fn read_source(
     let reader = open_reader(path, source.format, name)?;
     let io_err =
         |e: std::io::Error| JobError::Data(format!("source {name}: {}: {e}", path.display()));
-    let mut push = |doc: Doc, stats: &mut PrepareStats| {
-        if doc.text.trim().is_empty() {
-            stats.drop_doc(name, "empty", "");
-        } else {
-            docs.push(doc, stats);
-        }
-    };
     match source.format {
         SourceFormat::Text => {
             let mut current = String::new();
@@ -993,6 +995,18 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
     }
     stats.stages.push(docs.quality.stats("quality"));
 
+    // A spilled document dropped for `reason`: its text is read back only while the
+    // reason still collects examples.
+    let drop_spilled = |stats: &mut PrepareStats, i: usize, reason: &str| {
+        let text = if stats.wants_example(reason) {
+            spill.get(i)?.text
+        } else {
+            String::new()
+        };
+        stats.drop_doc(names[spill.source(i)], reason, &text);
+        Ok::<_, JobError>(())
+    };
+
     // MinHash near-duplicates across all sources: candidates share a band bucket; each
     // pair is confirmed by the exact Jaccard similarity of the two documents' shingles,
     // read back from the spill.
@@ -1030,8 +1044,7 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
             return Err(e);
         }
         for (i, _) in keep.iter().enumerate().filter(|(_, k)| !**k) {
-            let d = spill.get(i)?;
-            stats.drop_doc(names[d.source], "nearDuplicate", &d.text);
+            drop_spilled(&mut stats, i, "nearDuplicate")?;
         }
         let kept = keep.iter().filter(|k| **k).count();
         let mut acc = docs.signatures;
@@ -1109,8 +1122,7 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
             keep
         });
         for i in dropped {
-            let d = spill.get(i)?;
-            stats.drop_doc(names[d.source], "contaminated", &d.text);
+            drop_spilled(&mut stats, i, "contaminated")?;
         }
         stats.stage("decontaminate", n_in, kept.len(), t);
     }
@@ -1389,15 +1401,10 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
                     unkeep(stats, &spec.sources[p.3].name, !p.2, "substringDuplicate");
                 }
             }
-            let acc = substring_stats.get_or_insert_with(|| substring::SubstringStats {
-                min_length: k as u64,
-                ..Default::default()
-            });
-            acc.tokens_in += s.tokens_in;
-            acc.tokens_removed += s.tokens_removed;
-            acc.spans_removed += s.spans_removed;
-            acc.documents_changed += s.documents_changed;
-            acc.chunks += s.chunks;
+            match &mut substring_stats {
+                Some(acc) => acc.merge(&s),
+                None => substring_stats = Some(s),
+            }
             let out = pending.iter().filter(|p| !p.0.is_empty()).count();
             substring_acc.add(n_in, out, t);
         }

@@ -93,9 +93,10 @@ pub(crate) fn list(rt: &tokio::runtime::Runtime, source: &Source) -> Result<Vec<
                 "source {name}: {uri:?} names no bucket"
             )));
         }
-        let settings = store::S3Settings::from_access(source.access.as_ref());
-        let bucket_store: Arc<dyn ObjectStore> =
-            Arc::new(rt.block_on(store::S3Store::connect(bucket, "", settings)));
+        let bucket_store = rt.block_on(store::open(
+            &format!("s3://{bucket}"),
+            source.access.as_ref(),
+        ))?;
         let (prefix, pattern) = if has_glob(path) {
             let literal = &path[..path.find(['*', '?', '[']).unwrap_or(path.len())];
             let pattern = glob::Pattern::new(path)
@@ -400,9 +401,8 @@ pub(crate) fn fetch_one(
     } else if uri.starts_with("https://") || uri.starts_with("http://") {
         Object::Http(uri.to_string())
     } else if let Some((bucket, key)) = uri.strip_prefix("s3://").and_then(|r| r.split_once('/')) {
-        let settings = store::S3Settings::from_access(access);
         Object::S3 {
-            store: Arc::new(rt.block_on(store::S3Store::connect(bucket, "", settings))),
+            store: rt.block_on(store::open(&format!("s3://{bucket}"), access))?,
             key: key.to_string(),
         }
     } else {

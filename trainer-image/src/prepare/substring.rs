@@ -40,6 +40,17 @@ pub struct SubstringStats {
     pub chunks: u64,
 }
 
+impl SubstringStats {
+    /// Add the counts of another run with the same `min_length` (a later batch).
+    pub fn merge(&mut self, other: &Self) {
+        self.tokens_in += other.tokens_in;
+        self.tokens_removed += other.tokens_removed;
+        self.spans_removed += other.spans_removed;
+        self.documents_changed += other.documents_changed;
+        self.chunks += other.chunks;
+    }
+}
+
 /// Why the stage could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SubstringError {
