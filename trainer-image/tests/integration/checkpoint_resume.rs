@@ -2,7 +2,7 @@
 //! same run: killed part way and restarted, it ends with the weights an uninterrupted run
 //! reaches.
 
-use crate::common::{TempDir, byte_dataset, quick_training, tiny_run};
+use crate::common::{TempDir, byte_dataset, quick_training, runtime, tiny_run};
 use candle_core::Device;
 use taper_crds::training::Overfitting;
 use taper_trainer::{
@@ -13,13 +13,6 @@ use taper_trainer::{
         pretrain::{self, Outcome, PretrainRun},
     },
 };
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn run_job(
     rt: &tokio::runtime::Runtime,
@@ -75,7 +68,7 @@ fn weights(
 
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights() {
-    let rt = rt();
+    let rt = runtime();
     let tmp = TempDir::new("resume");
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
@@ -106,7 +99,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
 
 #[test]
 fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_the_best() {
-    let rt = rt();
+    let rt = runtime();
     let tmp = TempDir::new("fallback");
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
@@ -187,7 +180,7 @@ fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_t
 
 #[test]
 fn a_diverging_loss_is_detected_and_not_trained_through() {
-    let rt = rt();
+    let rt = runtime();
     let tmp = TempDir::new("diverge");
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");

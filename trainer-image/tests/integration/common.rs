@@ -168,3 +168,19 @@ pub fn shared() -> Option<PathBuf> {
     }
     dir
 }
+
+/// A Dataset `cleaning` block with every switchable cleaning step and quality rule off.
+pub fn all_rules_off() -> serde_json::Value {
+    serde_json::json!({"stripHtml": false, "normalizeUnicode": false, "removeBoilerplate": false,
+        "disable": ["gopherWordCount", "gopherMeanWordLength", "gopherSymbolRatio",
+            "gopherBulletsEllipsis", "gopherAlphabetic", "gopherStopWords", "c4TerminalPunctuation",
+            "c4ShortLines", "c4LoremIpsum", "c4CurlyBraces", "c4Javascript", "c4Policy"]})
+}
+
+/// A current-thread Tokio runtime (for the store calls of a test).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

@@ -7,18 +7,11 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use taper_crds::Dataset;
 
-use crate::common::{dataset, shared};
+use crate::common::{all_rules_off, dataset, runtime, shared};
 use taper_trainer::prepare::{
     self, PrepareStats,
     dedup::{self, MinHashParams, MinHasher, UnionFind},
 };
-
-fn all_rules_off() -> serde_json::Value {
-    json!({"stripHtml": false, "normalizeUnicode": false, "removeBoilerplate": false,
-        "disable": ["gopherWordCount", "gopherMeanWordLength", "gopherSymbolRatio",
-            "gopherBulletsEllipsis", "gopherAlphabetic", "gopherStopWords", "c4TerminalPunctuation",
-            "c4ShortLines", "c4LoremIpsum", "c4CurlyBraces", "c4Javascript", "c4Policy"]})
-}
 
 fn web(file: &str, format: &str, cleaning: serde_json::Value, minhash: bool) -> Dataset {
     let data = shared().expect("checked by the caller");
@@ -317,10 +310,7 @@ fn a_mixed_dataset_publishes_shards_the_trainer_reads() {
         "split": {"testSize": 0.05},
         "output": {"uri": format!("file://{}", out.display())},
     }));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
     eprintln!("{}", prepare::summary_table(&stats));
     assert!(stats.balanced(), "every document accounted for: {stats:?}");
@@ -356,10 +346,7 @@ fn alpaca_records_become_masked_examples() {
         "instruction": {"maxSeqLength": 256},
         "output": {"uri": format!("file://{}", out.display())},
     }));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
     assert_eq!(stats.documents_read, 5000);
     assert_eq!(
@@ -463,10 +450,7 @@ fn exact_substring_dedup_cuts_repeated_spans() {
         "split": {"testSize": 0.05},
         "output": {"uri": format!("file://{}", out.path().display())},
     }));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
     eprintln!("{}", prepare::summary_table(&stats));
     let sub = stats.substring.clone().expect("substring stats");

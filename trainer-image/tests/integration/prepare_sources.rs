@@ -18,19 +18,12 @@ use parquet::{
 use serde_json::{Value, json};
 use taper_trainer::{job::JobError, prepare};
 
-use crate::common::{TempDir, dataset, shared};
-
-fn rules_off() -> Value {
-    json!({"stripHtml": false, "normalizeUnicode": false, "removeBoilerplate": false,
-        "disable": ["gopherWordCount", "gopherMeanWordLength", "gopherSymbolRatio",
-            "gopherBulletsEllipsis", "gopherAlphabetic", "gopherStopWords", "c4TerminalPunctuation",
-            "c4ShortLines", "c4LoremIpsum", "c4CurlyBraces", "c4Javascript", "c4Policy"]})
-}
+use crate::common::{TempDir, all_rules_off, dataset, shared};
 
 fn web_from(uri: &str, format: &str, url_field: &str) -> taper_crds::Dataset {
     dataset(json!({
         "sources": [{"name": "web", "uri": uri, "format": format, "urlField": url_field}],
-        "cleaning": rules_off(),
+        "cleaning": all_rules_off(),
         "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
         "split": {"testSize": 0.05},
     }))

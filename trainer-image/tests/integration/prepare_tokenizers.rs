@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use taper_trainer::{job::JobError, prepare, train::data::TokenDtype};
 
-use crate::common::{TempDir, dataset, shared};
+use crate::common::{TempDir, dataset, runtime, shared};
 
 /// A word-level `tokenizer.json` (whitespace split) whose ids for `words` start at
 /// `first_id`; ids below are fillers, `</s>` is 0 and `[UNK]` is 1.
@@ -51,10 +51,7 @@ fn a_hugging_face_tokenizer_with_a_large_vocabulary_writes_uint32_shards() {
         "split": {"testSize": 0.05},
         "output": {"uri": format!("file://{}", out.display())},
     }));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
     assert!(stats.balanced());
     let (manifest, train, test) =

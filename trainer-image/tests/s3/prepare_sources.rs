@@ -8,17 +8,13 @@ use taper_trainer::{
     store::{ObjectStore, S3Settings, S3Store},
 };
 
-use crate::common::{dataset, shared};
+use crate::common::{all_rules_off, dataset, shared};
 
 fn web_from(uri: &str, endpoint: &str) -> taper_crds::Dataset {
     dataset(json!({
         "sources": [{"name": "web", "uri": uri, "format": "jsonl", "urlField": "metadata.url",
                      "access": {"endpoint": endpoint}}],
-        "cleaning": {"stripHtml": false, "normalizeUnicode": false, "removeBoilerplate": false,
-            "disable": ["gopherWordCount", "gopherMeanWordLength", "gopherSymbolRatio",
-                "gopherBulletsEllipsis", "gopherAlphabetic", "gopherStopWords",
-                "c4TerminalPunctuation", "c4ShortLines", "c4LoremIpsum", "c4CurlyBraces",
-                "c4Javascript", "c4Policy"]},
+        "cleaning": all_rules_off(),
         "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
         "split": {"testSize": 0.05},
     }))
