@@ -286,6 +286,12 @@ pub struct MinHash {
     #[serde(default = "default_permutations")]
     #[schemars(range(min = 8, max = 1024))]
     pub permutations: i64,
+    /// Check each candidate pair (two documents that share a band) by the exact Jaccard
+    /// similarity of their shingle sets before joining them, so that no pair below
+    /// `threshold` is merged directly. false: join every candidate pair, as datatrove
+    /// does (faster, and more documents removed near the threshold). Default: true.
+    #[serde(default = "default_true")]
+    pub verify: bool,
 }
 
 impl Default for MinHash {
@@ -295,6 +301,7 @@ impl Default for MinHash {
             threshold: default_minhash_threshold(),
             ngram: default_ngram(),
             permutations: default_permutations(),
+            verify: true,
         }
     }
 }

@@ -3,8 +3,10 @@
 tiktoken on the same input.
 
 The input is ../shared/data/webtext-sample.jsonl replicated to at least --mb megabytes;
-every copy after the first has 2% of its words replaced at random (seeded), so copies are
-near-duplicates (Jaccard of 5-gram sets about 0.9) that exact dedup does not catch.
+every copy after the first has 2% of its words replaced by random letter strings (seeded),
+so copies are near-duplicates that exact dedup does not catch: a copy and the original
+share about 90% of their 5-gram shingles, two copies about 80%, close to the 0.72
+threshold for the shorter documents.
 
     python3 scripts/bench/prepare_bench.py [--mb 200] [--python .venv/bin/python]
 
@@ -12,8 +14,11 @@ Runs, each as its own process so that peak memory is its own:
   1. `taper prepare` (release build) with the default pipeline, on 1 and 2 threads
      (RAYON_NUM_THREADS): seconds, MB/s and documents/s of every stage, peak RSS;
   2. `taper prepare` with only the MinHash stage (14 bands x 8 rows, 5-grams) on 1 thread,
-     and datatrove's four MinHash steps with the same parameters on 1 worker: seconds
-     and the number of documents each removes;
+     with `verify: false` (datatrove's semantics: every pair sharing a band is joined) and
+     with the default `verify: true`, and datatrove's four MinHash steps with the same
+     parameters on 1 worker: seconds, documents removed, and how the clusters agree
+     (taper's `--clusters` file against datatrove's `minhash_cluster_id`, documents
+     matched by URL): clusters identical as sets, and pair-level agreement;
   3. tokenization: `taper prepare` with every dropping stage off, so that its tokenize
      stage (1 thread) sees every non-empty text, next to Python tiktoken's
      `encode_ordinary` (GPT-2, 1 thread) over those same texts; token counts printed
@@ -49,7 +54,9 @@ def replicate(src: Path, dst: Path, mb: int) -> tuple[int, int]:
                 words = r.get("text", "").split(" ")
                 if copy > 0 and len(words) > 10:
                     for _ in range(max(1, len(words) // 50)):
-                        words[rng.randrange(len(words))] = f"w{rng.randrange(100000)}"
+                        # letters only: MinHash shingling maps every number to "0"
+                        words[rng.randrange(len(words))] = "".join(
+                            rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(7))
                 rec = {"id": f"{r.get('id')}-{copy}", "text": " ".join(words),
                        "metadata": {"url": f"{r.get('metadata', {}).get('url', '')}?copy={copy}"}}
                 line = json.dumps(rec, ensure_ascii=False) + "\n"
@@ -60,7 +67,8 @@ def replicate(src: Path, dst: Path, mb: int) -> tuple[int, int]:
     return size, docs
 
 
-def dataset_yaml(src: Path, out: Path, minhash_only: bool, tokenize_only: bool = False) -> str:
+def dataset_yaml(src: Path, out: Path, minhash_only: bool, tokenize_only: bool = False,
+                 verify: bool = True) -> str:
     extra = ""
     if minhash_only or tokenize_only:
         extra = """  cleaning:
@@ -80,6 +88,10 @@ def dataset_yaml(src: Path, out: Path, minhash_only: bool, tokenize_only: bool =
         extra += """    minhash:
       enabled: false
 """
+    elif minhash_only:
+        extra += f"""    minhash:
+      verify: {str(verify).lower()}
+"""
     return f"""apiVersion: taper.dev/v1alpha1
 kind: Dataset
 metadata:
@@ -97,10 +109,11 @@ spec:
 """
 
 
-def run_taper(taper: Path, job: Path, threads: int) -> tuple[dict, float, int]:
+def run_taper(taper: Path, job: Path, threads: int, clusters: Path | None = None) -> tuple[dict, float, int]:
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     t = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", str(taper), "prepare", "--job", str(job)],
+    extra = ["--clusters", str(clusters)] if clusters else []
+    p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", str(taper), "prepare", "--job", str(job), *extra],
                        env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode != 0:
@@ -122,8 +135,9 @@ cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
 steps = [
     ("signatures", [JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sigs", config=cfg)]),
     ("buckets", [MinhashDedupBuckets(input_folder=f"{work}/sigs", output_folder=f"{work}/buckets", config=cfg)]),
-    ("cluster", [MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove_ids", config=cfg)]),
-    ("filter", [JsonlReader(src), MinhashDedupFilter(input_folder=f"{work}/remove_ids",
+    ("cluster", [MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove_ids", config=cfg,
+                                     save_cluster_id=True)]),
+    ("filter", [JsonlReader(src), MinhashDedupFilter(input_folder=f"{work}/remove_ids", load_cluster_ids=True,
                 exclusion_writer=JsonlWriter(f"{work}/removed")), JsonlWriter(f"{work}/kept")]),
 ]
 times = {}
@@ -134,9 +148,16 @@ for name, pipeline in steps:
     times[name] = time.perf_counter() - t
 import glob, gzip
 removed = 0
-for f in glob.glob(f"{work}/removed/*"):
-    with (gzip.open(f, "rt") if f.endswith(".gz") else open(f)) as fh:
-        removed += sum(1 for _ in fh)
+clusters = {}
+for kind in ("removed", "kept"):
+    for f in glob.glob(f"{work}/{kind}/*"):
+        with (gzip.open(f, "rt") if f.endswith(".gz") else open(f)) as fh:
+            for line in fh:
+                removed += kind == "removed"
+                meta = json.loads(line)["metadata"]
+                if meta.get("minhash_cluster_id", -1) >= 0:
+                    clusters[meta["url"]] = meta["minhash_cluster_id"]
+json.dump(clusters, open(f"{work}/clusters.json", "w"))
 print("RESULT " + json.dumps({"times": times, "removed": removed}))
 '''
 
@@ -157,6 +178,35 @@ for s in texts:
 dt = time.perf_counter() - t
 print("RESULT " + json.dumps({"seconds": dt, "tokens": n, "bytes": sum(len(s.encode()) for s in texts)}))
 '''
+
+
+def read_taper_clusters(path: Path) -> dict:
+    with path.open(encoding="utf-8") as f:
+        return {r["url"]: r["cluster"] for r in map(json.loads, f)}
+
+
+def agreement(ours: dict, theirs: dict) -> dict:
+    """Compare two clusterings given as {url: cluster id} over the documents each put in
+    a cluster of two or more (every other document is a singleton)."""
+    from collections import Counter
+    keys = set(ours) | set(theirs)
+    a = {k: ours.get(k, ("single", k)) for k in keys}
+    b = {k: theirs.get(k, ("single", k)) for k in keys}
+    pairs = lambda c: sum(v * (v - 1) // 2 for v in Counter(c).values())
+    same_a, same_b = pairs(a.values()), pairs(b.values())
+    same_both = pairs((a[k], b[k]) for k in keys)
+    groups = lambda m: {frozenset(g) for g in _groups(m).values() if len(g) > 1}
+    ga, gb = groups(ours), groups(theirs)
+    return {"clusters_ours": len(ga), "clusters_theirs": len(gb), "identical": len(ga & gb),
+            "pair_precision": same_both / same_a if same_a else 1.0,
+            "pair_recall": same_both / same_b if same_b else 1.0}
+
+
+def _groups(m: dict) -> dict:
+    out = {}
+    for k, c in m.items():
+        out.setdefault(c, set()).add(k)
+    return out
 
 
 def main():
@@ -199,14 +249,16 @@ def main():
             print(f"end to end, {threads} thread(s): {wall:.1f} s, {mb / wall:.1f} MB/s, {docs / wall:.0f} docs/s, peak RSS {peak / 1024:.0f} MiB")
         print("(MB/s of a stage counts the input bytes of the documents that reach it, pro rata)\n")
 
-        # 2. MinHash only: taper vs datatrove, 1 thread each
-        job = tmp / "minhash.yaml"
-        job.write_text(dataset_yaml(corpus, tmp / "out-minhash", True))
-        stats, wall, peak = run_taper(taper, job, 1)
-        ours = next(s for s in stats["stages"] if s["name"] == "minhashDedup")
-        ours_removed = stats["dropped"].get("nearDuplicate", 0)
+        # 2. MinHash only: taper (datatrove's semantics, then verified) vs datatrove
+        runs = {}
+        for verify in (False, True):
+            job = tmp / f"minhash-{verify}.yaml"
+            job.write_text(dataset_yaml(corpus, tmp / f"out-minhash-{verify}", True, verify=verify))
+            cfile = tmp / f"clusters-{verify}.jsonl"
+            stats, wall, peak = run_taper(taper, job, 1, clusters=cfile)
+            stage = next(s for s in stats["stages"] if s["name"] == "minhashDedup")
+            runs[verify] = (stage, stats["dropped"].get("nearDuplicate", 0), peak, read_taper_clusters(cfile))
         dt_work = tmp / "datatrove"
-        t = time.perf_counter()
         p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", a.python, "-c", DATATROVE, str(corpus.parent), str(dt_work)],
                            capture_output=True, text=True)
         if p.returncode != 0:
@@ -215,14 +267,26 @@ def main():
         else:
             dt = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
             dt_peak = int(re.findall(r"PEAK_KB (\d+)", p.stderr)[-1])
+            dt_clusters = json.loads((dt_work / "clusters.json").read_text())
         print("MinHash dedup (5-grams, 14 bands x 8 rows), 1 thread")
-        print(f"{'':<22} {'seconds':>8} {'MB/s':>7} {'removed':>8} {'peak RSS MiB':>13}")
-        print(f"{'taper (minhash stage)':<22} {ours['seconds']:>8.1f} {mb / ours['seconds']:>7.1f} {ours_removed:>8} {peak / 1024:>13.0f}")
+        print(f"{'':<30} {'seconds':>8} {'MB/s':>7} {'removed':>8} {'peak RSS MiB':>13} {'clusters':>9} {'identical':>10} {'pair prec':>10} {'pair rec':>9}")
+        for verify, label in ((False, "taper, verify: false"), (True, "taper, verify: true (default)")):
+            stage, removed, peak, clusters = runs[verify]
+            row = f"{label:<30} {stage['seconds']:>8.1f} {mb / stage['seconds']:>7.1f} {removed:>8} {peak / 1024:>13.0f}"
+            if dt:
+                ag = agreement(clusters, dt_clusters)
+                row += f" {ag['clusters_ours']:>9} {ag['identical']:>10} {ag['pair_precision']:>10.4f} {ag['pair_recall']:>9.4f}"
+            print(row)
         if dt:
             total = sum(dt["times"].values())
-            print(f"{'datatrove (4 steps)':<22} {total:>8.1f} {mb / total:>7.1f} {dt['removed']:>8} {dt_peak / 1024:>13.0f}")
+            n_dt = len({c for c in dt_clusters.values()})
+            print(f"{'datatrove (4 steps)':<30} {total:>8.1f} {mb / total:>7.1f} {dt['removed']:>8} {dt_peak / 1024:>13.0f} {n_dt:>9}")
             print(f"  datatrove steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in dt["times"].items()))
-            print(f"  taper / datatrove speed: {total / ours['seconds']:.1f}x")
+            print(f"  datatrove / taper time: {total / runs[False][0]['seconds']:.1f}x (verify: false), "
+                  f"{total / runs[True][0]['seconds']:.1f}x (verify: true)")
+            print("  identical: taper's clusters equal, as sets of documents, to one of datatrove's;")
+            print("  pair prec / rec: of the document pairs taper puts in one cluster, the share datatrove")
+            print("  does too, and of datatrove's pairs, the share taper has")
         print()
 
         # 3. tokenization, 1 thread, like for like: every stage that drops or rewrites

@@ -55,6 +55,10 @@ enum Command {
         /// Records read per source in a dry run.
         #[arg(long, default_value_t = 1000)]
         sample: u64,
+        /// Write the MinHash near-duplicate clusters to this file: a JSON line per
+        /// document in a cluster of two or more (cluster, kept, source, url, text).
+        #[arg(long)]
+        clusters: Option<PathBuf>,
     },
     /// Sample text from a checkpoint.
     Generate {
@@ -413,11 +417,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             name,
             dry_run,
             sample,
+            clusters,
         } => {
             let objects = read_objects(&job)?;
             let ds = pick_dataset(&objects, name.as_deref())?;
+            let mut options = prepare::Options {
+                clusters,
+                ..prepare::Options::default()
+            };
             if dry_run {
-                let selected = prepare::select_documents_with(ds, Some(sample))?;
+                options.limit = Some(sample);
+                let selected = prepare::select_documents_with(ds, &options)?;
                 println!(
                     "Dry run on the first {sample} records of each source (nothing written):\n"
                 );
@@ -425,7 +435,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 return Ok(exit::SUCCESS);
             }
             let rt = runtime()?;
-            let stats = prepare::prepare(&rt, ds)?;
+            let stats = prepare::prepare_with(&rt, ds, &options)?;
             // JSON on stdout for the operator; a table for people on stderr.
             println!("{}", serde_json::to_string(&stats).unwrap_or_default());
             eprint!("{}", prepare::summary_table(&stats));

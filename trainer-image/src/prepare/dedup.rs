@@ -1,10 +1,25 @@
 //! Deduplication: normalised-URL and exact-content keys, and MinHash LSH for near
 //! duplicates (word n-gram shingles, `bands × rows` signatures, union-find clusters, one
 //! document kept per cluster: the first seen).
+//!
+//! Shingles and signatures are datatrove's (`MinhashDedupSignature` with its default
+//! `MinhashConfig`): the same text normalisation, xxh64 of each space-joined word n-gram,
+//! and the same hash functions, `(a·x + b) mod 2^64 mod (2^61 − 1)` with `a` and `b`
+//! drawn by NumPy's legacy MT19937 from seed 1. The same shingle sets therefore give the
+//! same band collisions, hence the same clusters when candidates are not verified.
+//! datatrove splits words with spaCy's English tokenizer; we split on whitespace, which
+//! differs on contractions without apostrophes ("dont") and units glued to numbers.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::LazyLock,
+};
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
+use unicode_normalization::UnicodeNormalization;
+use xxhash_rust::{
+    xxh3::{xxh3_64_with_seed, xxh3_128},
+    xxh64::xxh64,
+};
 
 /// A URL reduced to what identifies the page: lower-case scheme and host without `www.`,
 /// no default port, no fragment, no tracking parameters (`utm_*`, `fbclid`, `gclid`), the
@@ -100,33 +115,130 @@ impl MinHashParams {
     }
 }
 
-/// Words of `text` for shingling: lower-cased, punctuation stripped.
+/// datatrove's `PUNCTUATION` (`datatrove.utils.text`), which normalisation turns into
+/// spaces, besides the control characters below.
+const PUNCTUATION: &str =
+    "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»";
+
+static PUNCTUATION_SET: LazyLock<HashSet<char>> = LazyLock::new(|| {
+    let controls = [(0u32, 9u32), (11, 13), (13, 32), (127, 160)]
+        .into_iter()
+        .flat_map(|(a, b)| a..b)
+        .filter_map(char::from_u32);
+    PUNCTUATION.chars().chain(controls).collect()
+});
+
+/// Digits in any script, with an optional decimal part (datatrove's `NUMBERS_PATTERN`).
+static NUMBERS: LazyLock<regex::Regex> =
+    LazyLock::new(|| regex::Regex::new(r"\p{Nd}+(?:[.,،٫⎖⎗⎘]\p{Nd}+)?").expect("a valid pattern"));
+/// Non-spacing marks, removed after canonical decomposition.
+static MARKS: LazyLock<regex::Regex> =
+    LazyLock::new(|| regex::Regex::new(r"\p{Mn}+").expect("a valid pattern"));
+
+/// datatrove's `simplify_text` with its defaults, to raise the recall of near-duplicate
+/// search: lower case, numbers to `0`, punctuation and control characters to spaces,
+/// whitespace runs to one space, diacritics removed (NFD without non-spacing marks).
+pub fn simplify(text: &str) -> String {
+    if text.is_ascii() {
+        return simplify_ascii(text.as_bytes());
+    }
+    simplify_unicode(text)
+}
+
+/// [`simplify`] for ASCII text in one pass: no diacritics to strip, digits are `[0-9]`,
+/// and every control character but tab and newline is punctuation.
+fn simplify_ascii(b: &[u8]) -> String {
+    static SEPARATOR: LazyLock<[bool; 128]> = LazyLock::new(|| {
+        let mut t = [false; 128];
+        for (c, slot) in t.iter_mut().enumerate() {
+            let c = c as u8 as char;
+            *slot = PUNCTUATION_SET.contains(&c) || c.is_whitespace();
+        }
+        t
+    });
+    let mut out = String::with_capacity(b.len());
+    let mut space = false;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i].to_ascii_lowercase();
+        if SEPARATOR[c as usize] {
+            space = !out.is_empty();
+            i += 1;
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        if c.is_ascii_digit() {
+            // \p{Nd}+ with an optional decimal part becomes one "0".
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i + 1 < b.len() && matches!(b[i], b'.' | b',') && b[i + 1].is_ascii_digit() {
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+            }
+            out.push('0');
+            continue;
+        }
+        out.push(c as char);
+        i += 1;
+    }
+    out
+}
+
+fn simplify_unicode(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let numbers = NUMBERS.replace_all(&lower, "0");
+    let spaced: String = numbers
+        .chars()
+        .map(|c| if PUNCTUATION_SET.contains(&c) { ' ' } else { c })
+        .collect();
+    let mut joined = String::with_capacity(spaced.len());
+    for w in spaced.split_whitespace() {
+        if !joined.is_empty() {
+            joined.push(' ');
+        }
+        joined.push_str(w);
+    }
+    let decomposed: String = joined.nfd().collect();
+    MARKS.replace_all(&decomposed, "").trim().to_string()
+}
+
+/// Words of `text` for shingling: [`simplify`], then split on whitespace.
 pub fn words(text: &str) -> Vec<String> {
-    text.split_whitespace()
-        .map(|w| {
-            w.chars()
-                .filter(|c| c.is_alphanumeric())
-                .flat_map(char::to_lowercase)
-                .collect::<String>()
-        })
-        .filter(|w| !w.is_empty())
+    simplify(text)
+        .split_whitespace()
+        .map(str::to_string)
         .collect()
 }
 
-/// 64-bit hashes of the distinct word n-grams of `text` (a text shorter than `n` words
-/// is one shingle).
+/// xxh64 hashes of the distinct word n-grams of `text`, each n-gram's words joined by
+/// one space as datatrove hashes them. A text shorter than `n` words has none, and is
+/// nobody's near-duplicate.
 pub fn shingles(text: &str, n: usize) -> Vec<u64> {
-    let w = words(text);
-    if w.is_empty() {
+    let simple = simplify(text);
+    let w: Vec<&str> = simple.split_whitespace().collect();
+    if n == 0 || w.len() < n {
         return Vec::new();
     }
-    let mut out: Vec<u64> = if w.len() < n {
-        vec![xxh3_64(w.join(" ").as_bytes())]
-    } else {
-        w.windows(n)
-            .map(|g| xxh3_64(g.join(" ").as_bytes()))
-            .collect()
-    };
+    let mut gram = String::new();
+    let mut out: Vec<u64> = w
+        .windows(n)
+        .map(|g| {
+            gram.clear();
+            for (k, word) in g.iter().enumerate() {
+                if k > 0 {
+                    gram.push(' ');
+                }
+                gram.push_str(word);
+            }
+            xxh64(gram.as_bytes(), 0)
+        })
+        .collect();
     out.sort_unstable();
     out.dedup();
     out
@@ -134,15 +246,73 @@ pub fn shingles(text: &str, n: usize) -> Vec<u64> {
 
 const MERSENNE: u64 = (1 << 61) - 1;
 
-fn mod_mersenne(x: u128) -> u64 {
-    let lo = (x as u64) & MERSENNE;
-    let hi = (x >> 61) as u64;
-    let s = lo + hi;
+/// `x % (2^61 − 1)` without a division: `x = hi·2^61 + lo ≡ hi + lo`.
+fn mod_mersenne(x: u64) -> u64 {
+    let s = (x & MERSENNE) + (x >> 61);
     if s >= MERSENNE { s - MERSENNE } else { s }
 }
 
-/// A MinHash signer: `permutations` universal hash functions `(a·x + b) mod (2^61 − 1)`
-/// with coefficients drawn from a fixed seed, so signatures are comparable across runs.
+/// MT19937 as NumPy's legacy `RandomState(seed)` runs it, for datatrove's coefficients.
+struct Mt19937 {
+    state: [u32; 624],
+    index: usize,
+}
+
+impl Mt19937 {
+    fn new(seed: u32) -> Self {
+        let mut state = [0u32; 624];
+        state[0] = seed;
+        for i in 1..624 {
+            let prev = state[i - 1];
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
+        }
+        Self { state, index: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.index >= 624 {
+            for i in 0..624 {
+                let y = (self.state[i] & 0x8000_0000) | (self.state[(i + 1) % 624] & 0x7fff_ffff);
+                let mut next = self.state[(i + 397) % 624] ^ (y >> 1);
+                if y & 1 == 1 {
+                    next ^= 0x9908_b0df;
+                }
+                self.state[i] = next;
+            }
+            self.index = 0;
+        }
+        let mut y = self.state[self.index];
+        self.index += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let high = self.next_u32() as u64;
+        (high << 32) | self.next_u32() as u64
+    }
+
+    /// `randint(low, high, dtype=uint64)` for a range wider than 32 bits: masked
+    /// rejection sampling, as NumPy's legacy generator does it.
+    fn randint(&mut self, low: u64, high: u64) -> u64 {
+        let range = high - 1 - low;
+        let mask = u64::MAX >> range.leading_zeros();
+        loop {
+            let v = self.next_u64() & mask;
+            if v <= range {
+                return low + v;
+            }
+        }
+    }
+}
+
+/// A MinHash signer: `permutations` hash functions `(a·x + b) mod 2^64 mod (2^61 − 1)`
+/// with datatrove's coefficients (NumPy `RandomState(1)`: every `a`, then every `b`), so
+/// signatures are datatrove's and comparable across runs.
 #[derive(Clone, Debug)]
 pub struct MinHasher {
     params: MinHashParams,
@@ -152,16 +322,13 @@ pub struct MinHasher {
 impl MinHasher {
     /// A signer for `params`.
     pub fn new(params: MinHashParams) -> Self {
-        let coefficients = (0..params.permutations() as u64)
-            .map(|i| {
-                let a = xxh3_64_with_seed(b"taper-minhash-a", i) % (MERSENNE - 1) + 1;
-                let b = xxh3_64_with_seed(b"taper-minhash-b", i) % MERSENNE;
-                (a, b)
-            })
-            .collect();
+        let mut rng = Mt19937::new(1);
+        let k = params.permutations();
+        let a: Vec<u64> = (0..k).map(|_| rng.randint(1, MERSENNE)).collect();
+        let b: Vec<u64> = (0..k).map(|_| rng.randint(0, MERSENNE)).collect();
         Self {
             params,
-            coefficients,
+            coefficients: a.into_iter().zip(b).collect(),
         }
     }
 
@@ -174,9 +341,8 @@ impl MinHasher {
     pub fn signature(&self, shingles: &[u64]) -> Vec<u64> {
         let mut sig = vec![u64::MAX; self.coefficients.len()];
         for &s in shingles {
-            let x = (s % MERSENNE) as u128;
             for (slot, &(a, b)) in sig.iter_mut().zip(&self.coefficients) {
-                let h = mod_mersenne(a as u128 * x + b as u128);
+                let h = mod_mersenne(s.wrapping_mul(a).wrapping_add(b));
                 if h < *slot {
                     *slot = h;
                 }
@@ -276,12 +442,12 @@ pub fn band_keys(signature: &[u64], params: MinHashParams) -> Option<Vec<u64>> {
     )
 }
 
-/// Which documents to keep: [`near_duplicates_by_keys`] over full signatures.
+/// [`near_duplicates_by_keys`] over full signatures.
 pub fn near_duplicates(
     signatures: &[Vec<u64>],
     params: MinHashParams,
     similar: impl FnMut(usize, usize) -> bool,
-) -> Vec<bool> {
+) -> Clusters {
     let keys: Vec<Option<Vec<u64>>> = signatures.iter().map(|s| band_keys(s, params)).collect();
     near_duplicates_by_keys(
         keys.len(),
@@ -291,18 +457,42 @@ pub fn near_duplicates(
     )
 }
 
+/// The near-duplicate clusters of `n` documents: each document's representative, the
+/// lowest index of its cluster (itself when it has no near-duplicate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Clusters(pub Vec<usize>);
+
+impl Clusters {
+    /// Whether document `i` is kept: it is the first of its cluster.
+    pub fn kept(&self, i: usize) -> bool {
+        self.0[i] == i
+    }
+
+    /// For each document, whether it belongs to a cluster of two or more.
+    pub fn in_clusters(&self) -> Vec<bool> {
+        let mut multi = vec![false; self.0.len()];
+        for (j, &r) in self.0.iter().enumerate() {
+            if r != j {
+                multi[j] = true;
+                multi[r] = true;
+            }
+        }
+        multi
+    }
+}
+
 /// Near-duplicate clustering of `n` documents: documents that share a band bucket
 /// (`key(doc, band)`, `None` for a document without shingles) are candidates, and a
-/// candidate pair is joined when `similar(i, j)` confirms it (the prepare stage checks the
-/// exact Jaccard similarity of the shingle sets, so no pair below the threshold is merged
-/// directly). Clusters are the transitive closure. Returns, for each document, whether it
-/// is kept: the lowest index of each cluster.
+/// candidate pair is joined when `similar(i, j)` says so (the prepare stage checks the
+/// exact Jaccard similarity of the shingle sets unless `verify` is off, in which case
+/// every candidate pair is joined, as datatrove does). Clusters are the transitive
+/// closure.
 pub fn near_duplicates_by_keys(
     n: usize,
     bands: usize,
     key: impl Fn(usize, usize) -> Option<u64>,
     mut similar: impl FnMut(usize, usize) -> bool,
-) -> Vec<bool> {
+) -> Clusters {
     let mut uf = UnionFind::new(n);
     for band in 0..bands {
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::with_capacity(n);
@@ -327,12 +517,11 @@ pub fn near_duplicates_by_keys(
         }
     }
     let mut first_of_cluster: HashMap<usize, usize> = HashMap::new();
-    (0..n)
-        .map(|i| {
-            let root = uf.find(i);
-            *first_of_cluster.entry(root).or_insert(i) == i
-        })
-        .collect()
+    Clusters(
+        (0..n)
+            .map(|i| *first_of_cluster.entry(uf.find(i)).or_insert(i))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -374,7 +563,7 @@ mod tests {
     #[test]
     fn signatures_estimate_jaccard() {
         let m = MinHasher::new(MinHashParams::new(1, 256, 0.7));
-        let h = |i: u64| xxh3_64(&i.to_le_bytes());
+        let h = |i: u64| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
         let a: Vec<u64> = (0..1000).map(h).collect();
         let b: Vec<u64> = (250..1250).map(h).collect(); // Jaccard 750/1250 = 0.6
         let est = estimated_similarity(&m.signature(&a), &m.signature(&b));
@@ -393,7 +582,95 @@ mod tests {
             .map(|t| shingles(t, p.ngram))
             .collect();
         let sigs: Vec<Vec<u64>> = sets.iter().map(|s| m.signature(s)).collect();
-        let kept = near_duplicates(&sigs, p, |i, j| jaccard(&sets[i], &sets[j]) >= p.threshold);
-        assert_eq!(kept, vec![true, true, false, false]);
+        let clusters = near_duplicates(&sigs, p, |i, j| jaccard(&sets[i], &sets[j]) >= p.threshold);
+        assert_eq!(clusters, Clusters(vec![0, 1, 0, 0]));
+        assert_eq!(clusters.in_clusters(), vec![true, false, true, true]);
+        assert!(clusters.kept(0) && clusters.kept(1) && !clusters.kept(2));
+    }
+
+    // The reference values below were printed by datatrove 0.10.1 (NumPy 2, xxhash 3.5):
+    //   MinhashDedupSignature(config=MinhashConfig()).parameters, .get_shingles(text),
+    //   .get_signature(shingles) and datatrove.utils.text.simplify_text(text).
+
+    #[test]
+    fn coefficients_are_datatroves() {
+        let m = MinHasher::new(MinHashParams::new(5, 112, 0.72));
+        let a: Vec<u64> = m.coefficients.iter().map(|c| c.0).collect();
+        let b: Vec<u64> = m.coefficients.iter().map(|c| c.1).collect();
+        assert_eq!(
+            a[..3],
+            [775169054918279404, 1758426461858698313, 2109959069025162]
+        );
+        assert_eq!(a[111], 223865076026037746);
+        assert_eq!(
+            b[..3],
+            [
+                1062448801025099917,
+                1324811268927594100,
+                1217488311597731462
+            ]
+        );
+        assert_eq!(b[111], 1097409548522419201);
+    }
+
+    #[test]
+    fn the_ascii_path_agrees_with_the_unicode_one() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let alphabet: Vec<char> = "aZ09 .,;'\"-\t\n\r\x0b\x0c\x01\x1f\x7f#{}()?!Mq"
+            .chars()
+            .collect();
+        for _ in 0..2_000 {
+            let len = rng.random_range(0..40);
+            let s: String = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            assert_eq!(simplify_ascii(s.as_bytes()), simplify_unicode(&s), "{s:?}");
+        }
+        for x in [
+            0u64,
+            1,
+            MERSENNE - 1,
+            MERSENNE,
+            MERSENNE + 1,
+            u64::MAX,
+            u64::MAX - 7,
+        ] {
+            assert_eq!(mod_mersenne(x), x % MERSENNE, "{x}");
+        }
+    }
+
+    #[test]
+    fn text_is_simplified_as_datatrove_does() {
+        assert_eq!(
+            simplify("Héllo, WORLD! It's 3.14 — naïve café 1,000,000 monday\tMay  ¿Qué? 10km"),
+            "hello world it s 0 naive cafe 0 0 monday may ¿que 0km"
+        );
+    }
+
+    #[test]
+    fn shingles_and_signatures_are_datatroves() {
+        let text = "The quick brown fox jumps over the lazy dog, again and again.";
+        let sh = shingles(text, 5);
+        assert_eq!(sh.len(), 8);
+        for h in [
+            7797000677988824208,
+            4793414983259776074,
+            7369512836458661087,
+        ] {
+            assert!(sh.contains(&h), "{h} missing from {sh:?}");
+        }
+        let sig = MinHasher::new(MinHashParams::new(5, 112, 0.72)).signature(&sh);
+        assert_eq!(
+            sig[..4],
+            [
+                85330943174081874,
+                366011346326592937,
+                302227827184868053,
+                34440879854629237
+            ]
+        );
+        assert_eq!(sig[111], 3963570588256049);
+        assert!(shingles("only four words here", 5).is_empty());
     }
 }

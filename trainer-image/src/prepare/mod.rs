@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    io::{BufRead, Read},
+    io::{BufRead, Read, Write},
     path::{Path, PathBuf},
 };
 
@@ -636,6 +636,42 @@ fn read_source(
     Ok(())
 }
 
+/// Write `clusters` to `path` as JSON lines: each document in a cluster of two or more,
+/// in reading order, with its cluster's number (in order of first member), whether it is
+/// the one kept, its source, URL and the first 200 characters of its text.
+fn write_clusters(
+    path: &Path,
+    clusters: &dedup::Clusters,
+    spill: &Spill,
+    names: &[&str],
+) -> Result<(), JobError> {
+    let io = |e: std::io::Error| {
+        JobError::Store(store::StoreError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let mut numbers: HashMap<usize, usize> = HashMap::new();
+    for (i, multi) in clusters.in_clusters().into_iter().enumerate() {
+        if !multi {
+            continue;
+        }
+        let next = numbers.len();
+        let cluster = *numbers.entry(clusters.0[i]).or_insert(next);
+        let d = spill.get(i)?;
+        let line = serde_json::json!({
+            "cluster": cluster,
+            "kept": clusters.kept(i),
+            "source": names[d.source],
+            "url": d.url,
+            "text": d.text.chars().take(200).collect::<String>(),
+        });
+        writeln!(out, "{line}").map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
+
 /// Hashes of the word n-grams of `text` (none when it is shorter than `n` words).
 fn ngram_hashes(text: &str, n: usize) -> impl Iterator<Item = u64> {
     let w = dedup::words(text);
@@ -871,14 +907,27 @@ impl Selection {
     }
 }
 
-/// Run every stage up to tokenization on `ds`'s sources.
-pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
-    select_documents_with(ds, None)
+/// What a prepare run does beyond its spec.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Read at most this many records of each source (a dry run's sample).
+    pub limit: Option<u64>,
+    /// Write the MinHash clusters here: a JSON line per document in a cluster of two or
+    /// more (`cluster`, `kept`, `source`, `url`, the first 200 characters of `text`).
+    pub clusters: Option<PathBuf>,
+    /// Tokens per suffix array of exact-substring dedup; unset: the environment's
+    /// `TAPER_SUBSTRING_CHUNK_TOKENS`, else [`substring::DEFAULT_CHUNK_TOKENS`].
+    pub substring_chunk_tokens: Option<usize>,
 }
 
-/// [`select_documents`] on at most `limit` records of each source (a dry run's sample).
-pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepared, JobError> {
-    let sel = select(ds, limit)?;
+/// Run every stage up to tokenization on `ds`'s sources.
+pub fn select_documents(ds: &Dataset) -> Result<Prepared, JobError> {
+    select_documents_with(ds, &Options::default())
+}
+
+/// [`select_documents`] with `options` (a dry run's sample, a clusters file).
+pub fn select_documents_with(ds: &Dataset, options: &Options) -> Result<Prepared, JobError> {
+    let sel = select(ds, options)?;
     let load = |test: bool| -> Result<Vec<Doc>, JobError> {
         sel.split(test).map(|i| sel.spill.get(i)).collect()
     };
@@ -894,8 +943,9 @@ pub fn select_documents_with(ds: &Dataset, limit: Option<u64>) -> Result<Prepare
     })
 }
 
-fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
+fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
     let spec = &ds.spec;
+    let limit = options.limit;
     let instruction_mode = spec.format == DatasetFormat::Instruction;
     if spec.dedup.substring.enabled && instruction_mode {
         return Err(JobError::Spec(
@@ -1007,9 +1057,9 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
         Ok::<_, JobError>(())
     };
 
-    // MinHash near-duplicates across all sources: candidates share a band bucket; each
-    // pair is confirmed by the exact Jaccard similarity of the two documents' shingles,
-    // read back from the spill.
+    // MinHash near-duplicates across all sources: candidates share a band bucket; unless
+    // `verify` is off, each pair is confirmed by the exact Jaccard similarity of the two
+    // documents' shingles, read back from the spill.
     let n = spill.len();
     let mut keep = vec![true; n];
     if mh.enabled {
@@ -1034,14 +1084,18 @@ fn select(ds: &Dataset, limit: Option<u64>) -> Result<Selection, JobError> {
                 })
                 .clone()
         };
-        keep = dedup::near_duplicates_by_keys(
+        let clusters = dedup::near_duplicates_by_keys(
             n,
             params.bands,
             |i, b| band_keys[i].as_ref().map(|k| k[b]),
-            |i, j| dedup::jaccard(&shingles(i), &shingles(j)) >= params.threshold,
+            |i, j| !mh.verify || dedup::jaccard(&shingles(i), &shingles(j)) >= params.threshold,
         );
         if let Some(e) = failure {
             return Err(e);
+        }
+        keep = (0..n).map(|i| clusters.kept(i)).collect();
+        if let Some(path) = &options.clusters {
+            write_clusters(path, &clusters, &spill, &names)?;
         }
         for (i, _) in keep.iter().enumerate().filter(|(_, k)| !**k) {
             drop_spilled(&mut stats, i, "nearDuplicate")?;
@@ -1313,6 +1367,15 @@ type Encoded = (Vec<u32>, Option<Vec<u8>>, bool);
 /// in parallel) into shard files in a local staging folder, which are then uploaded;
 /// `stats.json` and, last, `manifest.json` follow.
 pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStats, JobError> {
+    prepare_with(rt, ds, &Options::default())
+}
+
+/// [`prepare`] with `options` (a clusters file).
+pub fn prepare_with(
+    rt: &tokio::runtime::Runtime,
+    ds: &Dataset,
+    options: &Options,
+) -> Result<PrepareStats, JobError> {
     let spec = &ds.spec;
     let tokenizer = match (spec.tokenizer.type_, spec.tokenizer.uri.as_deref()) {
         (TokenizerKind::Gpt2, _) => tokenize::Tokenizer::gpt2()?,
@@ -1331,7 +1394,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let output = spec.output.as_ref().ok_or_else(|| {
         JobError::Spec("spec.output is unset (the operator fills it in a cluster)".into())
     })?;
-    let sel = select(ds, None)?;
+    let sel = select(ds, options)?;
     let mut stats = sel.stats.clone();
     let instruction_mode = spec.format == DatasetFormat::Instruction;
     let eot = tokenizer.eot();
@@ -1360,13 +1423,27 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
     let ispec = &spec.instruction;
     let max_len = ispec.max_seq_length.max(2) as usize;
     let substring_chunk = spec.dedup.substring.enabled.then(|| {
-        std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
+        options
+            .substring_chunk_tokens
+            .or_else(|| {
+                std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            })
             .unwrap_or(substring::DEFAULT_CHUNK_TOKENS)
+            .max(1)
     });
-    let mut substring_stats: Option<substring::SubstringStats> = None;
-    let mut substring_acc = StageAcc::default();
+    // With exact-substring dedup, documents are encoded into a local corpus file first,
+    // then cut and written once the whole corpus is indexed.
+    let mut corpus = match substring_chunk {
+        Some(_) => Some(
+            substring::CorpusWriter::create(staging.path().join("substring-corpus.u16"))
+                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?,
+        ),
+        None => None,
+    };
+    // Each document in the corpus file: (test, source).
+    let mut corpus_docs: Vec<(bool, usize)> = Vec::new();
     // Train documents, then test ones: exact-substring dedup sees train first.
     let order: Vec<(usize, bool)> = sel
         .split(false)
@@ -1374,55 +1451,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
         .chain(sel.split(true).map(|i| (i, true)))
         .collect();
     let bar = stage_bar("tokenize", order.len(), "docs");
-    // Encoded documents waiting to be written: (tokens, mask, test, source).
-    type Piece = (Vec<u32>, Option<Vec<u8>>, bool, usize);
-    let mut pending: Vec<Piece> = Vec::new();
-    let mut pending_tokens = 0usize;
     let mut truncated = 0u64;
-    let mut write_out = |pending: &mut Vec<Piece>,
-                         stats: &mut PrepareStats,
-                         writers: &mut [ShardWriter; 2]|
-     -> Result<(), JobError> {
-        if let Some(chunk) = substring_chunk
-            && !pending.is_empty()
-        {
-            let t = Instant::now();
-            let n_in = pending.len();
-            let mut docs: Vec<Vec<u32>> = pending
-                .iter_mut()
-                .map(|p| std::mem::take(&mut p.0))
-                .collect();
-            let k = spec.dedup.substring.min_length.max(1) as usize;
-            let s = substring::dedup(&mut docs, k, chunk)
-                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
-            for (p, d) in pending.iter_mut().zip(docs) {
-                p.0 = d;
-                if p.0.is_empty() {
-                    unkeep(stats, &spec.sources[p.3].name, !p.2, "substringDuplicate");
-                }
-            }
-            match &mut substring_stats {
-                Some(acc) => acc.merge(&s),
-                None => substring_stats = Some(s),
-            }
-            let out = pending.iter().filter(|p| !p.0.is_empty()).count();
-            substring_acc.add(n_in, out, t);
-        }
-        for (mut tokens, mask, test, _) in pending.drain(..) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let w = &mut writers[usize::from(test)];
-            match mask {
-                Some(m) => w.append(&tokens, Some(&m))?,
-                None => {
-                    tokens.push(eot);
-                    w.append(&tokens, None)?;
-                }
-            }
-        }
-        Ok(())
-    };
     for batch in order.chunks(BATCH_DOCS) {
         let docs: Vec<Doc> = batch
             .par_iter()
@@ -1456,10 +1485,23 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
             .collect::<Result<_, JobError>>()?;
         for ((d, e), &(_, test)) in docs.iter().zip(encoded).zip(batch) {
             match e {
-                Some((tokens, mask, cut)) => {
+                Some((tokens, _, _)) if corpus.is_some() => {
+                    if let Some(c) = corpus.as_mut() {
+                        c.push(&tokens)
+                            .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
+                    }
+                    corpus_docs.push((test, d.source));
+                }
+                Some((mut tokens, mask, cut)) => {
                     truncated += u64::from(cut);
-                    pending_tokens += tokens.len() + 1;
-                    pending.push((tokens, mask, test, d.source));
+                    let w = &mut writers[usize::from(test)];
+                    match mask {
+                        Some(m) => w.append(&tokens, Some(&m))?,
+                        None => {
+                            tokens.push(eot);
+                            w.append(&tokens, None)?;
+                        }
+                    }
                 }
                 None => unkeep(
                     &mut stats,
@@ -1469,24 +1511,40 @@ pub fn prepare(rt: &tokio::runtime::Runtime, ds: &Dataset) -> Result<PrepareStat
                 ),
             }
         }
-        // Without substring dedup, every batch is written at once; with it, batches
-        // gather into chunks of up to TAPER_SUBSTRING_CHUNK_TOKENS tokens.
-        if substring_chunk.is_none_or(|c| pending_tokens >= c) {
-            write_out(&mut pending, &mut stats, &mut writers)?;
-            pending_tokens = 0;
-        }
     }
-    write_out(&mut pending, &mut stats, &mut writers)?;
     bar.finish_and_clear();
     let n = order.len();
-    let substring_seconds = substring_acc.seconds;
     let mut tokenize_acc = StageAcc::default();
     tokenize_acc.add(n, n, t);
-    tokenize_acc.seconds -= substring_seconds;
     stats.stages.push(tokenize_acc.stats("tokenize"));
-    if let Some(s) = substring_stats {
+    if let (Some(writer), Some(chunk)) = (corpus, substring_chunk) {
+        let t = Instant::now();
+        let err = |e: substring::SubstringError| JobError::Spec(format!("dedup.substring: {e}"));
+        let corpus = writer.finish().map_err(err)?;
+        let mut s = substring::SubstringStats::default();
+        let k = spec.dedup.substring.min_length.max(1) as usize;
+        let marks =
+            substring::find_repeats(&corpus, k, chunk, staging.path(), &mut s).map_err(err)?;
+        let mut out = 0;
+        for (i, &(test, source)) in corpus_docs.iter().enumerate() {
+            let mut tokens = substring::cut(&corpus, &marks, i, &mut s);
+            if tokens.is_empty() {
+                unkeep(
+                    &mut stats,
+                    &spec.sources[source].name,
+                    !test,
+                    "substringDuplicate",
+                );
+                continue;
+            }
+            out += 1;
+            tokens.push(eot);
+            writers[usize::from(test)].append(&tokens, None)?;
+        }
+        let mut acc = StageAcc::default();
+        acc.add(corpus_docs.len(), out, t);
         stats.substring = Some(s);
-        stats.stages.push(substring_acc.stats("substringDedup"));
+        stats.stages.push(acc.stats("substringDedup"));
     }
     if instruction_mode {
         stats.truncated = Some(truncated);

@@ -129,7 +129,16 @@ fn malformed_records_are_counted_and_skipped() {
 /// Synthetic documents: bases of random words from a vocabulary, and variants with a
 /// known share of words replaced.
 fn synthetic(bases: usize, edits: &[f64], rng: &mut ChaCha8Rng) -> Vec<String> {
-    let vocab: Vec<String> = (0..5000).map(|i| format!("w{i}x{}", i % 7)).collect();
+    // Letters only: shingling maps every number to "0".
+    let letters = |mut i: usize| {
+        let mut w = String::from("w");
+        for _ in 0..3 {
+            w.push((b'a' + (i % 26) as u8) as char);
+            i /= 26;
+        }
+        w
+    };
+    let vocab: Vec<String> = (0..5000).map(letters).collect();
     let mut docs = Vec::new();
     for _ in 0..bases {
         let words: Vec<&str> = (0..200)
@@ -150,8 +159,9 @@ fn synthetic(bases: usize, edits: &[f64], rng: &mut ChaCha8Rng) -> Vec<String> {
 }
 
 /// Pair-level precision and recall of "same cluster" against the clusters of exact
-/// Jaccard ≥ threshold (transitive closure), for documents of one similarity regime.
-fn precision_recall(docs: &[String], p: MinHashParams) -> (f64, f64, usize) {
+/// Jaccard ≥ threshold (transitive closure), for documents of one similarity regime;
+/// `verify`: candidate pairs are confirmed by exact Jaccard (the default) or all joined.
+fn precision_recall(docs: &[String], p: MinHashParams, verify: bool) -> (f64, f64, usize) {
     let sets: Vec<Vec<u64>> = docs.iter().map(|d| dedup::shingles(d, p.ngram)).collect();
     let n = docs.len();
     let mut truth = UnionFind::new(n);
@@ -164,22 +174,12 @@ fn precision_recall(docs: &[String], p: MinHashParams) -> (f64, f64, usize) {
     }
     let hasher = MinHasher::new(p);
     let sigs: Vec<Vec<u64>> = sets.iter().map(|s| hasher.signature(s)).collect();
-    let mut found = UnionFind::new(n);
-    // Rebuild the clusters the stage forms (the stage returns keep flags only).
-    let mut pairs = Vec::new();
-    dedup::near_duplicates(&sigs, p, |i, j| {
-        let ok = dedup::jaccard(&sets[i], &sets[j]) >= p.threshold;
-        if ok {
-            pairs.push((i, j));
-        }
-        ok
+    let found = dedup::near_duplicates(&sigs, p, |i, j| {
+        !verify || dedup::jaccard(&sets[i], &sets[j]) >= p.threshold
     });
-    for (i, j) in pairs {
-        found.union(i, j);
-    }
     let (mut tp, mut fp, mut fneg) = (0usize, 0usize, 0usize);
     let (t_roots, f_roots): (Vec<usize>, Vec<usize>) =
-        (0..n).map(|i| (truth.find(i), found.find(i))).unzip();
+        (0..n).map(|i| (truth.find(i), found.0[i])).unzip();
     for i in 0..n {
         for j in i + 1..n {
             match (t_roots[i] == t_roots[j], f_roots[i] == f_roots[j]) {
@@ -210,7 +210,7 @@ fn minhash_precision_and_recall_against_exact_jaccard() {
     // Edit shares → exact Jaccard of 5-gram sets, roughly: 0.25% → 0.97, 0.5% → 0.95,
     // 1% → 0.90, 2% → 0.82 (duplicates); 6% → 0.52, 10% → 0.35, 20% → 0.15 (not).
     let docs = synthetic(150, &[0.0025, 0.005, 0.01, 0.02, 0.06, 0.1, 0.2], &mut rng);
-    let (precision, recall, pairs) = precision_recall(&docs, p);
+    let (precision, recall, pairs) = precision_recall(&docs, p, true);
     eprintln!(
         "MinHash 14x8 on {} documents ({pairs} duplicate pairs): precision {precision:.3}, recall {recall:.3}",
         docs.len()
@@ -219,11 +219,20 @@ fn minhash_precision_and_recall_against_exact_jaccard() {
         precision >= 0.95 && recall >= 0.95,
         "precision {precision}, recall {recall}"
     );
+    // Without verification (datatrove's way) the pairs well away from the threshold are
+    // still separated.
+    let (up, ur, _) = precision_recall(&docs, p, false);
+    eprintln!("without verification: precision {up:.3}, recall {ur:.3}");
+    assert!(up >= 0.95 && ur >= 0.95, "precision {up}, recall {ur}");
     // Right at the threshold (3% edits, Jaccard ≈ 0.70–0.76) the LSH S-curve misses some
     // pairs by design; report it, and require only that the verification keeps precision.
     let border = synthetic(60, &[0.03], &mut rng);
-    let (bp, br, bpairs) = precision_recall(&border, p);
-    eprintln!("near the threshold ({bpairs} duplicate pairs): precision {bp:.3}, recall {br:.3}");
+    let (bp, br, bpairs) = precision_recall(&border, p, true);
+    let (bup, bur, _) = precision_recall(&border, p, false);
+    eprintln!(
+        "near the threshold ({bpairs} duplicate pairs): precision {bp:.3}, recall {br:.3}; \
+         without verification: precision {bup:.3}, recall {bur:.3}"
+    );
     assert!(bp >= 0.95, "precision near the threshold {bp}");
 }
 
@@ -478,5 +487,46 @@ fn exact_substring_dedup_cuts_repeated_spans() {
     assert_eq!(
         train.len() + test.len(),
         stats.train_tokens + stats.test_tokens
+    );
+    // In chunks of at most 100,000 tokens (12 suffix arrays here), merged: the same cuts.
+    let chunked_out = crate::common::TempDir::new("substring-chunked");
+    let mut chunked_ds = ds.clone();
+    chunked_ds.spec.output = Some(
+        serde_json::from_value(json!({
+            "uri": format!("file://{}", chunked_out.path().display())
+        }))
+        .expect("output"),
+    );
+    let options = prepare::Options {
+        substring_chunk_tokens: Some(100_000),
+        ..prepare::Options::default()
+    };
+    let chunked = prepare::prepare_with(&rt, &chunked_ds, &options).expect("prepare in chunks");
+    let csub = chunked.substring.clone().expect("substring stats");
+    assert!(csub.chunks >= 10, "{csub:?}");
+    assert_eq!(
+        (
+            csub.tokens_in,
+            csub.tokens_removed,
+            csub.spans_removed,
+            csub.documents_changed
+        ),
+        (
+            sub.tokens_in,
+            sub.tokens_removed,
+            sub.spans_removed,
+            sub.documents_changed
+        )
+    );
+    let digest = |dir: &std::path::Path| {
+        taper_trainer::train::data::open_dataset(dir)
+            .expect("the trainer reads it")
+            .0
+            .digest
+    };
+    assert_eq!(
+        digest(out.path()),
+        digest(chunked_out.path()),
+        "the same shards"
     );
 }
