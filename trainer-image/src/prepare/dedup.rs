@@ -6,9 +6,8 @@
 //! `MinhashConfig`): the same text normalisation, xxh64 of each space-joined word n-gram,
 //! and the same hash functions, `(a·x + b) mod 2^64 mod (2^61 − 1)` with `a` and `b`
 //! drawn by NumPy's legacy MT19937 from seed 1. The same shingle sets therefore give the
-//! same band collisions, hence the same clusters when candidates are not verified.
-//! datatrove splits words with spaCy's English tokenizer; we split on whitespace, which
-//! differs on contractions without apostrophes ("dont") and units glued to numbers.
+//! same band collisions, hence the same clusters when candidates are not verified. Words
+//! are split by spaCy's English rules, as datatrove splits them ([`super::words`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -208,12 +207,13 @@ fn simplify_unicode(text: &str) -> String {
     MARKS.replace_all(&decomposed, "").trim().to_string()
 }
 
-/// Words of `text` for shingling: [`simplify`], then split on whitespace.
+/// Words of `text` for shingling: [`simplify`], then split as spaCy's English tokenizer
+/// splits (see [`super::words`]).
 pub fn words(text: &str) -> Vec<String> {
-    simplify(text)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    let simple = simplify(text);
+    let mut w = Vec::new();
+    super::words::split(&simple, &mut w);
+    w.into_iter().map(str::to_string).collect()
 }
 
 /// xxh64 hashes of the distinct word n-grams of `text`, each n-gram's words joined by
@@ -221,7 +221,8 @@ pub fn words(text: &str) -> Vec<String> {
 /// nobody's near-duplicate.
 pub fn shingles(text: &str, n: usize) -> Vec<u64> {
     let simple = simplify(text);
-    let w: Vec<&str> = simple.split_whitespace().collect();
+    let mut w: Vec<&str> = Vec::new();
+    super::words::split(&simple, &mut w);
     if n == 0 || w.len() < n {
         return Vec::new();
     }

@@ -37,10 +37,13 @@ pub mod clean;
 pub mod dedup;
 pub mod instruction;
 pub(crate) mod sources;
+#[rustfmt::skip]
+mod spacy_en;
 mod spill;
 pub mod stackexchange;
 pub mod substring;
 pub mod tokenize;
+mod words;
 
 /// GPT-2's end-of-text token, placed after every document.
 pub const GPT2_EOT: u32 = 50256;
