@@ -10,7 +10,7 @@
 //! are split by spaCy's English rules, as datatrove splits them ([`super::words`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::LazyLock,
 };
 
@@ -482,47 +482,72 @@ impl Clusters {
     }
 }
 
-/// Near-duplicate clustering of `n` documents: documents that share a band bucket
-/// (`key(doc, band)`, `None` for a document without shingles) are candidates, and a
-/// candidate pair is joined when `similar(i, j)` says so (the prepare stage checks the
-/// exact Jaccard similarity of the shingle sets unless `verify` is off, in which case
-/// every candidate pair is joined, as datatrove does). Clusters are the transitive
-/// closure.
+/// Near-duplicate clustering of `n` documents from in-memory band keys (`key(doc, band)`,
+/// `None` for a document without shingles): [`cluster_bands`].
 pub fn near_duplicates_by_keys(
     n: usize,
     bands: usize,
     key: impl Fn(usize, usize) -> Option<u64>,
-    mut similar: impl FnMut(usize, usize) -> bool,
+    similar: impl FnMut(usize, usize) -> bool,
 ) -> Clusters {
+    let band = |b: usize| -> Result<Vec<(u64, usize)>, std::convert::Infallible> {
+        Ok((0..n).filter_map(|i| key(i, b).map(|k| (k, i))).collect())
+    };
+    match cluster_bands(n, bands, band, similar) {
+        Ok(c) => c,
+        Err(never) => match never {},
+    }
+}
+
+/// Near-duplicate clustering of `n` documents, one band at a time: `band(b)` gives the
+/// `(key, document)` pairs of band `b` (documents without shingles left out). Documents
+/// that share a key in some band are candidates, and a candidate pair is joined when
+/// `similar(i, j)` says so (the prepare stage checks the exact Jaccard similarity of the
+/// shingle sets unless `verify` is off, in which case every candidate pair is joined, as
+/// datatrove does). Clusters are the transitive closure. Memory: one band's pairs, sorted
+/// (16 bytes per document), and the union-find.
+pub fn cluster_bands<E>(
+    n: usize,
+    bands: usize,
+    mut band: impl FnMut(usize) -> Result<Vec<(u64, usize)>, E>,
+    mut similar: impl FnMut(usize, usize) -> bool,
+) -> Result<Clusters, E> {
     let mut uf = UnionFind::new(n);
-    for band in 0..bands {
-        let mut buckets: HashMap<u64, Vec<usize>> = HashMap::with_capacity(n);
-        for i in 0..n {
-            let Some(k) = key(i, band) else { continue };
-            let members = buckets.entry(k).or_default();
-            let mut joined = false;
-            for &m in members.iter().take(BUCKET_PROBES) {
-                if uf.find(m) == uf.find(i) {
-                    joined = true;
-                    break;
+    for b in 0..bands {
+        let mut pairs = band(b)?;
+        pairs.sort_unstable();
+        let mut members: Vec<usize> = Vec::with_capacity(BUCKET_PROBES);
+        for bucket in pairs.chunk_by(|x, y| x.0 == y.0) {
+            members.clear();
+            for &(_, i) in bucket {
+                for &m in &members {
+                    if uf.find(m) == uf.find(i) {
+                        break;
+                    }
+                    if similar(m, i) {
+                        uf.union(m, i);
+                        break;
+                    }
                 }
-                if similar(m, i) {
-                    uf.union(m, i);
-                    joined = true;
-                    break;
+                // Newcomers are compared with the bucket's first few members only.
+                if members.len() < BUCKET_PROBES {
+                    members.push(i);
                 }
-            }
-            if !joined || members.len() < BUCKET_PROBES {
-                members.push(i);
             }
         }
     }
-    let mut first_of_cluster: HashMap<usize, usize> = HashMap::new();
-    Clusters(
+    let mut first_of_cluster = vec![usize::MAX; n];
+    Ok(Clusters(
         (0..n)
-            .map(|i| *first_of_cluster.entry(uf.find(i)).or_insert(i))
+            .map(|i| {
+                let root = uf.find(i);
+                if first_of_cluster[root] == usize::MAX {
+                    first_of_cluster[root] = i;
+                }
+                first_of_cluster[root]
+            })
             .collect(),
-    )
+    ))
 }
 
 #[cfg(test)]

@@ -746,7 +746,7 @@ struct Batcher<'a> {
     seen_texts: HashSet<u128>,
     minhash: Option<(dedup::MinHasher, dedup::MinHashParams)>,
     /// Band keys of each spilled document (`None`: no shingles).
-    band_keys: Vec<Option<Box<[u64]>>>,
+    band_keys: Option<spill::BandKeys>,
     spill: Spill,
     read_out: u64,
     clean: StageAcc,
@@ -870,15 +870,18 @@ impl Batcher<'_> {
 
         if let Some((hasher, params)) = &self.minhash {
             let t = Instant::now();
-            let keys: Vec<Option<Box<[u64]>>> = kept
+            let keys: Vec<Option<Vec<u64>>> = kept
                 .par_iter()
                 .map(|d| {
                     let shingles = dedup::shingles(&d.text, params.ngram);
                     dedup::band_keys(&hasher.signature(&shingles), *params)
-                        .map(Vec::into_boxed_slice)
                 })
                 .collect();
-            self.band_keys.extend(keys);
+            if let Some(files) = self.band_keys.as_mut() {
+                for k in &keys {
+                    files.push(k.as_deref())?;
+                }
+            }
             self.signatures.add(kept.len(), kept.len(), t);
         }
         for d in &kept {
@@ -978,7 +981,10 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
         seen_urls: HashSet::new(),
         seen_texts: HashSet::new(),
         minhash: mh.enabled.then(|| (dedup::MinHasher::new(params), params)),
-        band_keys: Vec::new(),
+        band_keys: match mh.enabled {
+            true => Some(spill::BandKeys::create(spool.path(), params.bands)?),
+            false => None,
+        },
         spill: Spill::create(spool.path().join("documents.jsonl"))?,
         read_out: 0,
         clean: StageAcc::default(),
@@ -1028,6 +1034,9 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
     drop(rt);
     let mut spill = docs.spill;
     spill.finish()?;
+    if let Some(files) = docs.band_keys.as_mut() {
+        files.finish()?;
+    }
     let per_document = docs.clean.seconds
         + docs.url.seconds
         + docs.exact.seconds
@@ -1087,12 +1096,15 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
                 })
                 .clone()
         };
-        let clusters = dedup::near_duplicates_by_keys(
+        let clusters = dedup::cluster_bands(
             n,
             params.bands,
-            |i, b| band_keys[i].as_ref().map(|k| k[b]),
+            |b| match band_keys {
+                Some(files) => files.band(b),
+                None => Ok(Vec::new()),
+            },
             |i, j| !mh.verify || dedup::jaccard(&shingles(i), &shingles(j)) >= params.threshold,
-        );
+        )?;
         if let Some(e) = failure {
             return Err(e);
         }

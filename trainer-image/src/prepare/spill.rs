@@ -125,3 +125,77 @@ impl Drop for Spill {
         std::fs::remove_file(&self.path).ok();
     }
 }
+
+/// The MinHash band keys of the spilled documents, on local disk: a file per band with
+/// 8 bytes per document, read back one band at a time by the clustering, so that memory
+/// holds one band's keys, not every band's.
+pub(crate) struct BandKeys {
+    paths: Vec<PathBuf>,
+    writers: Vec<BufWriter<File>>,
+    /// Whether each document has shingles (those without are nobody's duplicate).
+    present: Vec<bool>,
+}
+
+impl BandKeys {
+    /// Empty files for `bands` bands in `dir`.
+    pub fn create(dir: &std::path::Path, bands: usize) -> Result<Self, JobError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let mut paths = Vec::with_capacity(bands);
+        let mut writers = Vec::with_capacity(bands);
+        for b in 0..bands {
+            let path = dir.join(format!("minhash-band-{b:02}.bin"));
+            let file = File::create(&path).map_err(|e| io_err(&path, e))?;
+            writers.push(BufWriter::with_capacity(1 << 16, file));
+            paths.push(path);
+        }
+        Ok(Self {
+            paths,
+            writers,
+            present: Vec::new(),
+        })
+    }
+
+    /// Append the next document's keys (`None`: no shingles).
+    pub fn push(&mut self, keys: Option<&[u64]>) -> Result<(), JobError> {
+        for (b, (w, path)) in self.writers.iter_mut().zip(&self.paths).enumerate() {
+            let key = keys.and_then(|k| k.get(b)).copied().unwrap_or(0);
+            w.write_all(&key.to_le_bytes())
+                .map_err(|e| io_err(path, e))?;
+        }
+        self.present.push(keys.is_some());
+        Ok(())
+    }
+
+    /// Flush the files.
+    pub fn finish(&mut self) -> Result<(), JobError> {
+        for (mut w, path) in self.writers.drain(..).zip(&self.paths) {
+            w.flush().map_err(|e| io_err(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Band `b`'s `(key, document)` pairs, for the documents that have shingles.
+    pub fn band(&self, b: usize) -> Result<Vec<(u64, usize)>, JobError> {
+        let path = &self.paths[b];
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        Ok(bytes
+            .chunks_exact(8)
+            .enumerate()
+            .filter(|(i, _)| self.present.get(*i).copied().unwrap_or(false))
+            .map(|(i, k)| {
+                let mut key = [0u8; 8];
+                key.copy_from_slice(k);
+                (u64::from_le_bytes(key), i)
+            })
+            .collect())
+    }
+}
+
+impl Drop for BandKeys {
+    fn drop(&mut self) {
+        self.writers.clear();
+        for p in &self.paths {
+            std::fs::remove_file(p).ok();
+        }
+    }
+}

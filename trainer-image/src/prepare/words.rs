@@ -8,7 +8,7 @@
 //! (its `_special_matcher`). Of those special cases, only "‘s" can occur in simplified
 //! text, where spaCy would keep "‘" and "s" together.
 
-use std::{collections::HashMap, sync::LazyLock};
+use std::{cell::RefCell, collections::HashMap, sync::LazyLock};
 
 use fancy_regex::Regex;
 
@@ -34,6 +34,18 @@ static RULES: LazyLock<Rules> = LazyLock::new(|| {
     }
 });
 
+/// Chunks per thread whose split is remembered (tens of MB at most).
+const CACHE_ENTRIES: usize = 100_000;
+
+/// A chunk's words, as byte ranges of the chunk.
+type Spans = Box<[(u32, u32)]>;
+
+thread_local! {
+    /// The split of each chunk that needed the patterns: spaCy keeps the same cache, as
+    /// the patterns are slow and words repeat.
+    static CACHE: RefCell<HashMap<Box<str>, Spans>> = RefCell::new(HashMap::new());
+}
+
 /// Split simplified `text` into words, appending them to `out`.
 pub fn split<'t>(text: &'t str, out: &mut Vec<&'t str>) {
     for chunk in text.split(char::is_whitespace).filter(|c| !c.is_empty()) {
@@ -42,7 +54,26 @@ pub fn split<'t>(text: &'t str, out: &mut Vec<&'t str>) {
             out.push(chunk);
             continue;
         }
-        tokenize(chunk, out);
+        CACHE.with_borrow_mut(|cache| {
+            if let Some(spans) = cache.get(chunk) {
+                out.extend(spans.iter().map(|&(a, b)| &chunk[a as usize..b as usize]));
+                return;
+            }
+            let before = out.len();
+            tokenize(chunk, out);
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            let base = chunk.as_ptr() as usize;
+            let spans = out[before..]
+                .iter()
+                .map(|w| {
+                    let a = w.as_ptr() as usize - base;
+                    (a as u32, (a + w.len()) as u32)
+                })
+                .collect();
+            cache.insert(chunk.into(), spans);
+        });
     }
 }
 
@@ -207,6 +238,8 @@ mod tests {
         ];
         for (text, expected) in cases {
             assert_eq!(words(text), *expected, "{text}");
+            // Again, from the cache.
+            assert_eq!(words(text), *expected, "{text}, cached");
         }
     }
 
