@@ -288,9 +288,10 @@ pub struct MinHash {
     pub permutations: i64,
     /// Check each candidate pair (two documents that share a band) by the exact Jaccard
     /// similarity of their shingle sets before joining them, so that no pair below
-    /// `threshold` is merged directly. false: join every candidate pair, as datatrove
-    /// does (faster, and more documents removed near the threshold). Default: true.
-    #[serde(default = "default_true")]
+    /// `threshold` is merged directly (slower; fewer documents removed near the
+    /// threshold). Default: false: every candidate pair is joined, as datatrove does, which
+    /// gives datatrove's clusters.
+    #[serde(default)]
     pub verify: bool,
 }
 
@@ -301,7 +302,7 @@ impl Default for MinHash {
             threshold: default_minhash_threshold(),
             ngram: default_ngram(),
             permutations: default_permutations(),
-            verify: true,
+            verify: false,
         }
     }
 }

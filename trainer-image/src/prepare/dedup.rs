@@ -9,10 +9,7 @@
 //! same band collisions, hence the same clusters when candidates are not verified. Words
 //! are split by spaCy's English rules, as datatrove splits them ([`super::words`]).
 
-use std::{
-    collections::HashSet,
-    sync::LazyLock,
-};
+use std::{collections::HashSet, sync::LazyLock};
 
 use unicode_normalization::UnicodeNormalization;
 use xxhash_rust::{
@@ -503,7 +500,7 @@ pub fn near_duplicates_by_keys(
 /// `(key, document)` pairs of band `b` (documents without shingles left out). Documents
 /// that share a key in some band are candidates, and a candidate pair is joined when
 /// `similar(i, j)` says so (the prepare stage checks the exact Jaccard similarity of the
-/// shingle sets unless `verify` is off, in which case every candidate pair is joined, as
+/// shingle sets when `verify` is on; by default every candidate pair is joined, as
 /// datatrove does). Clusters are the transitive closure. Memory: one band's pairs, sorted
 /// (16 bytes per document), and the union-find.
 pub fn cluster_bands<E>(

@@ -639,6 +639,19 @@ fn read_source(
     Ok(())
 }
 
+/// The job error of a failed exact-substring stage: ids or chunks too large are the
+/// spec's; a working file that cannot be written is the local store's.
+fn substring_error(e: substring::SubstringError) -> JobError {
+    use substring::SubstringError as E;
+    match e {
+        E::Io { path, source } => JobError::Store(store::StoreError::Io { path, source }),
+        E::Libsais(_) => JobError::Internal(format!("dedup.substring: {e}")),
+        E::TokenTooLarge(_) | E::ChunkTooLarge(_) => {
+            JobError::Spec(format!("dedup.substring: {e}"))
+        }
+    }
+}
+
 /// Write `clusters` to `path` as JSON lines: each document in a cluster of two or more,
 /// in reading order, with its cluster's number (in order of first member), whether it is
 /// the one kept, its source, URL and the first 200 characters of its text.
@@ -745,7 +758,7 @@ struct Batcher<'a> {
     seen_urls: HashSet<u128>,
     seen_texts: HashSet<u128>,
     minhash: Option<(dedup::MinHasher, dedup::MinHashParams)>,
-    /// Band keys of each spilled document (`None`: no shingles).
+    /// MinHash band keys of the spilled documents, a file per band (`None`: MinHash off).
     band_keys: Option<spill::BandKeys>,
     spill: Spill,
     read_out: u64,
@@ -1069,8 +1082,8 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
         Ok::<_, JobError>(())
     };
 
-    // MinHash near-duplicates across all sources: candidates share a band bucket; unless
-    // `verify` is off, each pair is confirmed by the exact Jaccard similarity of the two
+    // MinHash near-duplicates across all sources: candidates share a band bucket; with
+    // `verify` on, each pair is confirmed by the exact Jaccard similarity of the two
     // documents' shingles, read back from the spill.
     let n = spill.len();
     let mut keep = vec![true; n];
@@ -1453,7 +1466,7 @@ pub fn prepare_with(
     let mut corpus = match substring_chunk {
         Some(_) => Some(
             substring::CorpusWriter::create(staging.path().join("substring-corpus.u16"))
-                .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?,
+                .map_err(substring_error)?,
         ),
         None => None,
     };
@@ -1502,8 +1515,7 @@ pub fn prepare_with(
             match e {
                 Some((tokens, _, _)) if corpus.is_some() => {
                     if let Some(c) = corpus.as_mut() {
-                        c.push(&tokens)
-                            .map_err(|e| JobError::Spec(format!("dedup.substring: {e}")))?;
+                        c.push(&tokens).map_err(substring_error)?;
                     }
                     corpus_docs.push((test, d.source));
                 }
@@ -1534,12 +1546,11 @@ pub fn prepare_with(
     stats.stages.push(tokenize_acc.stats("tokenize"));
     if let (Some(writer), Some(chunk)) = (corpus, substring_chunk) {
         let t = Instant::now();
-        let err = |e: substring::SubstringError| JobError::Spec(format!("dedup.substring: {e}"));
-        let corpus = writer.finish().map_err(err)?;
+        let corpus = writer.finish().map_err(substring_error)?;
         let mut s = substring::SubstringStats::default();
         let k = spec.dedup.substring.min_length.max(1) as usize;
-        let marks =
-            substring::find_repeats(&corpus, k, chunk, staging.path(), &mut s).map_err(err)?;
+        let marks = substring::find_repeats(&corpus, k, chunk, staging.path(), &mut s)
+            .map_err(substring_error)?;
         let mut out = 0;
         for (i, &(test, source)) in corpus_docs.iter().enumerate() {
             let mut tokens = substring::cut(&corpus, &marks, i, &mut s);

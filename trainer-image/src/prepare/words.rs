@@ -4,9 +4,10 @@
 //! [`super::dedup::simplify`] already lower-cased and stripped of punctuation. The
 //! patterns and special cases are generated from spaCy into `spacy_en.rs`.
 //!
-//! One spaCy step is left out: re-joining special cases that affix splitting cut apart
-//! (its `_special_matcher`). Of those special cases, only "‘s" can occur in simplified
-//! text, where spaCy would keep "‘" and "s" together.
+//! Two differences from spaCy: re-joining special cases that affix splitting cut apart
+//! (its `_special_matcher`) is left out (of those special cases, only "‘s" can occur in
+//! simplified text, where spaCy would keep "‘" and "s" together), and a whitespace-free
+//! chunk over 2,000 bytes is one word, unsplit, to bound the time the patterns take.
 
 use std::{cell::RefCell, collections::HashMap, sync::LazyLock};
 
@@ -34,6 +35,9 @@ static RULES: LazyLock<Rules> = LazyLock::new(|| {
     }
 });
 
+/// Longer whitespace-free chunks are one word (spaCy would split off their affixes).
+const LONG_CHUNK: usize = 2_000;
+
 /// Chunks per thread whose split is remembered (tens of MB at most).
 const CACHE_ENTRIES: usize = 100_000;
 
@@ -49,8 +53,13 @@ thread_local! {
 /// Split simplified `text` into words, appending them to `out`.
 pub fn split<'t>(text: &'t str, out: &mut Vec<&'t str>) {
     for chunk in text.split(char::is_whitespace).filter(|c| !c.is_empty()) {
-        // Most words: lower-case ASCII letters, which no affix pattern splits.
-        if chunk.bytes().all(|b| b.is_ascii_lowercase()) && !RULES.specials.contains_key(chunk) {
+        // Most words: lower-case ASCII letters, which no affix pattern splits. A chunk
+        // longer than LONG_CHUNK bytes (a base64 blob, minified code) stays whole too:
+        // the patterns would scan it again for every affix they strip.
+        if chunk.len() > LONG_CHUNK
+            || (chunk.bytes().all(|b| b.is_ascii_lowercase())
+                && !RULES.specials.contains_key(chunk))
+        {
             out.push(chunk);
             continue;
         }
