@@ -199,3 +199,24 @@ impl Drop for BandKeys {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn band_keys_come_back_one_band_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("taper-band-keys-{}", std::process::id()));
+        let mut keys = BandKeys::create(&dir, 2).expect("create");
+        keys.push(Some(&[10, 20])).expect("push");
+        keys.push(None).expect("push");
+        keys.push(Some(&[10, 21])).expect("push");
+        keys.finish().expect("finish");
+        assert_eq!(keys.band(0).expect("band 0"), [(10, 0), (10, 2)]);
+        assert_eq!(keys.band(1).expect("band 1"), [(20, 0), (21, 2)]);
+        let paths = keys.paths.clone();
+        drop(keys);
+        assert!(paths.iter().all(|p| !p.exists()), "files removed");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
