@@ -204,17 +204,9 @@ fn simplify_unicode(text: &str) -> String {
     MARKS.replace_all(&decomposed, "").trim().to_string()
 }
 
-/// Words of `text` for shingling: [`simplify`], then split as spaCy's English tokenizer
-/// splits (see [`super::words`]).
-pub fn words(text: &str) -> Vec<String> {
-    let simple = simplify(text);
-    let mut w = Vec::new();
-    super::words::split(&simple, &mut w);
-    w.into_iter().map(str::to_string).collect()
-}
-
-/// xxh64 hashes of the distinct word n-grams of `text`, each n-gram's words joined by
-/// one space as datatrove hashes them. A text shorter than `n` words has none, and is
+/// xxh64 hashes of the distinct word n-grams of `text` ([`simplify`], then words split
+/// as spaCy's English tokenizer splits them, see [`super::words`]), each n-gram's words
+/// joined by one space as datatrove hashes them. A text shorter than `n` words has none, and is
 /// nobody's near-duplicate.
 pub fn shingles(text: &str, n: usize) -> Vec<u64> {
     let simple = simplify(text);

@@ -661,12 +661,7 @@ fn write_clusters(
     spill: &Spill,
     names: &[&str],
 ) -> Result<(), JobError> {
-    let io = |e: std::io::Error| {
-        JobError::Store(store::StoreError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })
-    };
+    let io = |e| spill::io_err(path, e);
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     let mut numbers: HashMap<usize, usize> = HashMap::new();
     for (i, multi) in clusters.in_clusters().into_iter().enumerate() {
@@ -686,19 +681,6 @@ fn write_clusters(
         writeln!(out, "{line}").map_err(io)?;
     }
     out.flush().map_err(io)
-}
-
-/// Hashes of the word n-grams of `text` (none when it is shorter than `n` words).
-fn ngram_hashes(text: &str, n: usize) -> impl Iterator<Item = u64> {
-    let w = dedup::words(text);
-    let grams: Vec<u64> = if w.len() < n {
-        Vec::new()
-    } else {
-        w.windows(n)
-            .map(|g| xxhash_rust::xxh3::xxh3_64(g.join(" ").as_bytes()))
-            .collect()
-    };
-    grams.into_iter()
 }
 
 /// Documents after cleaning, filtering and deduplication, split into train and test.
@@ -1171,7 +1153,7 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
         let mut test_grams: HashMap<u64, Vec<usize>> = HashMap::new();
         for &(i, _) in kept.iter().filter(|(_, t)| *t) {
             let text = spill.get(i)?.text;
-            for g in ngram_hashes(&text, n_gram) {
+            for g in dedup::shingles(&text, n_gram) {
                 let ids = test_grams.entry(g).or_default();
                 if ids.last() != Some(&i) {
                     ids.push(i);
@@ -1183,8 +1165,9 @@ fn select(ds: &Dataset, options: &Options) -> Result<Selection, JobError> {
             .par_iter()
             .map(|&i| -> Result<Vec<usize>, JobError> {
                 let text = spill.get(i)?.text;
-                Ok(ngram_hashes(&text, n_gram)
-                    .filter_map(|g| test_grams.get(&g))
+                Ok(dedup::shingles(&text, n_gram)
+                    .iter()
+                    .filter_map(|g| test_grams.get(g))
                     .flatten()
                     .copied()
                     .collect())
@@ -1291,10 +1274,7 @@ impl ShardWriter {
     }
 
     fn io(&self, e: std::io::Error) -> JobError {
-        JobError::Store(store::StoreError::Io {
-            path: self.dir.display().to_string(),
-            source: e,
-        })
+        spill::io_err(&self.dir, e)
     }
 
     fn file(&self, i: usize, mask: bool) -> String {
@@ -1428,12 +1408,7 @@ pub fn prepare_with(
     let eot = tokenizer.eot();
     let dtype = tokenizer.dtype();
     let staging = sources::Spool::new();
-    std::fs::create_dir_all(staging.path()).map_err(|e| {
-        JobError::Store(store::StoreError::Io {
-            path: staging.path().display().to_string(),
-            source: e,
-        })
-    })?;
+    std::fs::create_dir_all(staging.path()).map_err(|e| spill::io_err(staging.path(), e))?;
     let mut writers = [
         ShardWriter::new("train", staging.path(), dtype, instruction_mode),
         ShardWriter::new("test", staging.path(), dtype, instruction_mode),

@@ -41,7 +41,8 @@ pub(crate) struct Spill {
     map: Option<memmap2::Mmap>,
 }
 
-fn io_err(path: &std::path::Path, e: std::io::Error) -> JobError {
+/// A local file's I/O error, as the job sees it.
+pub(crate) fn io_err(path: &std::path::Path, e: std::io::Error) -> JobError {
     JobError::Store(StoreError::Io {
         path: path.display().to_string(),
         source: e,
