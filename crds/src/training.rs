@@ -78,7 +78,8 @@ pub struct Training {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("double(self) >= 0.0").message("gradClip must not be negative (0 disables clipping)"))]
     pub grad_clip: Option<f64>,
-    /// Numeric precision. Default: `bf16` on GPUs; CPU runs always use `f32`.
+    /// Numeric precision. Default: `bf16` on GPUs and `f32` on CPUs (which emulate bf16
+    /// arithmetic, slowly); a precision set here is used on either.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
     /// Seed of weight initialisation, dropout and batch sampling. Default: 1337.

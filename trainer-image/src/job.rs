@@ -248,7 +248,8 @@ pub fn pretrain(
     }
     let device = select_device(opts.device.as_deref())?;
     let mut training = job.spec.resolved_training();
-    if device.is_cpu() {
+    // Unset, the precision is bf16 on a GPU and f32 on a CPU (where bf16 is emulated).
+    if device.is_cpu() && job.spec.training.precision.is_none() {
         training.precision = taper_crds::training::Precision::F32;
     }
     let store = rt.block_on(store::open(&ckpt_uri, job.spec.checkpoints.access.as_ref()))?;

@@ -12,7 +12,7 @@ use taper_crds::{TaperObject, exit, parse_manifests};
 use taper_trainer::{
     generate::{self, SampleOptions},
     job::{self, JobError},
-    prepare,
+    model, prepare,
 };
 
 /// The quickstart pipeline, embedded so that `taper quickstart` needs no file.
@@ -80,6 +80,13 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
+    },
+    /// Compare the fused kernels (softmax, cross-entropy) with their composed references on
+    /// a device, in value and gradient, and time both; exits 1 when one is off.
+    CheckKernels {
+        /// `cpu`, `cuda` or `cuda:N`; by default the first GPU when there is one.
+        #[arg(long, env = "TAPER_DEVICE")]
+        device: Option<String>,
     },
     /// Run the embedded quickstart pipeline on this CPU: prepare Tiny Shakespeare, pretrain a
     /// 7M-parameter GPT on it (resuming if stopped), and sample from it.
@@ -444,6 +451,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             work_dir,
             stop_after,
         } => return quickstart(work_dir, stop_after),
+        Command::CheckKernels { device } => {
+            let device = job::select_device(device.as_deref())?;
+            // GPT-2 small's shapes: attention scores of 2 sequences × 12 heads at block
+            // 1024, and the logits of 1,024 positions over the padded GPT-2 vocabulary.
+            let checks = model::check::check_fused_ops(&device, (2, 12, 1024), (1024, 50304))
+                .map_err(|e| JobError::Internal(format!("kernel check: {e}")))?;
+            print!("{}", model::check::table(&device, &checks));
+            if !checks.iter().all(model::check::KernelCheck::passed) {
+                return Ok(exit::INTERNAL);
+            }
+        }
     }
     Ok(exit::SUCCESS)
 }

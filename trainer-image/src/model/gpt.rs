@@ -2,6 +2,13 @@
 //! attention and a GELU MLP (×4), a final LayerNorm and an LM head tied to the token
 //! embedding. Parameter names and layouts are Hugging Face GPT-2's (`h.{i}.attn.c_attn.weight`
 //! `[n_embd, 3·n_embd]`, Conv1D `[in, out]`), so the public checkpoints load as they are.
+//!
+//! Mixed precision ([`Gpt::with_compute_dtype`] with bf16) follows PyTorch's autocast, as
+//! nanoGPT and lit-gpt train: the parameters stay f32 (the optimizer's master weights) and
+//! are cast to bf16 where they are used, so the cast's backward hands f32 gradients to the
+//! optimizer; matmuls (the linear layers, attention scores, attention × values, the LM
+//! head), GELU and their backward run in bf16; the residual stream, LayerNorm, the softmax
+//! (with its scale and causal mask) and the loss stay f32.
 
 use candle_core::{D, DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -56,8 +63,15 @@ impl Lin {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv1d_linear(x, &self.weight, self.bias.as_ref())
+    /// `x @ w + b` in `dtype`: input and parameters are cast (a no-op in f32), and the
+    /// output is in `dtype`.
+    fn forward(&self, x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
+        conv1d_linear(
+            &x.to_dtype(dtype)?,
+            &self.weight.to_dtype(dtype)?,
+            bias.as_ref(),
+        )
     }
 }
 
@@ -75,6 +89,8 @@ struct Block {
 #[derive(Debug)]
 pub struct Gpt {
     cfg: GptConfig,
+    /// The dtype of matmuls and GELU: f32, or bf16 for mixed precision.
+    compute: DType,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -228,13 +244,29 @@ impl Gpt {
                 mlp_proj: lin(&format!("{p}.mlp.c_proj"))?,
             });
         }
+        let wte = params.tensor("wte.weight")?;
         Ok(Self {
             cfg,
-            wte: params.tensor("wte.weight")?,
+            // By default the model computes in its parameters' dtype.
+            compute: wte.dtype(),
+            wte,
             wpe: params.tensor("wpe.weight")?,
             blocks,
             ln_f: ln("ln_f")?,
         })
+    }
+
+    /// The same model computing its matmuls and GELU in `dtype` (bf16 for mixed precision;
+    /// by default the parameters' dtype); the parameters keep their own. See the module's
+    /// comment.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    /// The dtype of matmuls and GELU.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     /// The same model over detached views of its parameters: they share storage (and so
@@ -242,6 +274,7 @@ impl Gpt {
     pub fn detached(&self) -> Self {
         Self {
             cfg: self.cfg,
+            compute: self.compute,
             wte: self.wte.detach(),
             wpe: self.wpe.detach(),
             blocks: self
@@ -278,17 +311,20 @@ impl Gpt {
         let h = self.cfg.n_head as usize;
         let hd = c / h;
         let p = self.cfg.dropout;
+        let dt = self.compute;
+        // The residual stream, LayerNorm and softmax in the parameters' dtype (f32).
+        let master = self.wte.dtype();
         let tok = self
             .wte
             .index_select(&idx.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = dropout(&tok.broadcast_add(&pos)?, p, ctx.dropout_rng.as_deref_mut())?;
-        let mask = causal_mask(t, x.device(), x.dtype())?;
+        let mask = causal_mask(t, x.device(), master)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             // Attention.
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?, dt)?;
             let heads = |i: usize| -> candle_core::Result<Tensor> {
                 qkv.narrow(D::Minus1, i * c, c)?
                     .reshape((b, t, h, hd))?
@@ -296,26 +332,30 @@ impl Gpt {
                     .contiguous()
             };
             let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let att = dropout(&softmax_last_dim(&att)?, p, ctx.dropout_rng.as_deref_mut())?;
+            let scores = q.matmul(&k.t()?)?.to_dtype(master)?;
+            let att = (scores * scale)?.broadcast_add(&mask)?;
+            let att = softmax_last_dim(&att)?.to_dtype(dt)?;
+            let att = dropout(&att, p, ctx.dropout_rng.as_deref_mut())?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
             let y = dropout(
-                &blk.attn_proj.forward(&y)?,
+                &blk.attn_proj.forward(&y, dt)?,
                 p,
                 ctx.dropout_rng.as_deref_mut(),
             )?;
-            x = (x + y)?;
+            x = (x + y.to_dtype(master)?)?;
             // MLP.
-            let m = blk.c_fc.forward(&blk.ln_2.forward(&x)?)?.gelu_erf()?;
+            let m = blk.c_fc.forward(&blk.ln_2.forward(&x)?, dt)?.gelu_erf()?;
             let m = dropout(
-                &blk.mlp_proj.forward(&m)?,
+                &blk.mlp_proj.forward(&m, dt)?,
                 p,
                 ctx.dropout_rng.as_deref_mut(),
             )?;
-            x = (x + m)?;
+            x = (x + m.to_dtype(master)?)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        let x = self.ln_f.forward(&x)?.to_dtype(dt)?;
+        let logits = x
+            .reshape((b * t, c))?
+            .matmul(&self.wte.to_dtype(dt)?.t()?)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size as usize))?)
     }
 }

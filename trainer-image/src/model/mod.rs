@@ -1,5 +1,6 @@
 //! Models: GPT-2 (and, with finetuning, LoRA adapters on it).
 
+pub mod check;
 pub mod gpt;
 pub mod ops;
 pub mod params;

@@ -2,10 +2,94 @@
 //!
 //! candle's fused `LayerNorm` (with bias, on contiguous input), `softmax_last_dim`,
 //! `rms_norm` and `rope` kernels have no backward pass: used in training they silently
-//! stop the gradient. Everything here is composed of ops that candle differentiates
-//! (broadcast arithmetic, reductions, `exp`, `log`, `sqrt`, `matmul`, `gather`).
+//! stop the gradient. Everything here either is composed of ops that candle differentiates
+//! (broadcast arithmetic, reductions, `exp`, `log`, `sqrt`, `matmul`, `gather`), or runs a
+//! fused kernel without a graph and attaches the backward written out by hand
+//! ([`with_backward`]): the softmax and the cross-entropy, whose composed forms make five
+//! to seven passes over the largest tensors of a step (the attention scores, the logits)
+//! and keep each intermediate for the backward. The composed forms stay as references
+//! (`*_composed`), and the tests compare values and gradients with them.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor, backend::BackendStorage,
+};
+
+/// The custom op behind [`with_backward`]: its forward copies the value, its backward
+/// calls the closure with (input, value, gradient of the value).
+struct WithBackward<F> {
+    name: &'static str,
+    bwd: F,
+}
+
+fn check_whole(l: &Layout, name: &str) -> Result<()> {
+    if l.is_contiguous() && l.start_offset() == 0 {
+        Ok(())
+    } else {
+        candle_core::bail!("{name}: the precomputed value must be a whole contiguous tensor")
+    }
+}
+
+type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+impl CustomOp2 for WithBackward<Box<BackwardFn>> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        value: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_whole(l, self.name)?;
+        Ok((value.try_clone(l)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        value: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_whole(l, self.name)?;
+        Ok((value.try_clone(l)?, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _value: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(input, res, grad)?), None))
+    }
+}
+
+/// `value`, computed from `input` by fused kernels outside the graph, made the result of
+/// an op on `input` whose backward is `bwd(input, value, grad_value) -> grad_input`. The
+/// forward costs one copy of `value`; nothing but `input` and `value` is kept for the
+/// backward. Without gradient tracking on `input`, `value` is returned as it is.
+pub fn with_backward(
+    name: &'static str,
+    input: &Tensor,
+    value: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !input.track_op() {
+        return Ok(value);
+    }
+    let value = value.contiguous()?;
+    let op: WithBackward<Box<BackwardFn>> = WithBackward {
+        name,
+        bwd: Box::new(bwd),
+    };
+    input.apply_op2(&value, op)
+}
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with
 /// the biased variance, as PyTorch.
@@ -21,9 +105,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     }
 }
 
-/// Softmax over the last dimension. The row maximum is subtracted for stability and
-/// detached: softmax is invariant to it, so it needs no gradient.
+/// Softmax over the last dimension: candle's fused kernel (one pass, parallel on the CPU),
+/// with the backward `y ⊙ (g − Σ g ⊙ y)`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    with_backward("softmax-last-dim", x, y, |_, y, g| {
+        let gy = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&gy)?
+    })
+}
+
+/// Softmax over the last dimension composed of differentiable ops: the reference for
+/// [`softmax_last_dim`]. The row maximum is subtracted for stability and detached:
+/// softmax is invariant to it, so it needs no gradient.
+pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -39,9 +134,50 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32). With `mask`
-/// `[N]` (f32, 1 = counts), the mean is over the unmasked positions only.
+/// `[N]` (1 = counts), the mean is over the unmasked positions only.
+///
+/// The loss is `Σᵢ wᵢ (lseᵢ − xᵢ,ₜᵢ)` with `wᵢ = maskᵢ / Σ mask` (or `1/N`), computed
+/// without a graph; the backward is `wᵢ (softmax(xᵢ) − onehot(tᵢ))`, from candle's fused
+/// softmax. Nothing of size `N × V` is kept between forward and backward but the logits.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     // Half-precision logits are upcast: the log-sum-exp over a large vocabulary needs it.
+    let logits = match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
+    let (n, _) = logits.dims2()?;
+    let x = logits.detach();
+    let targets = targets.unsqueeze(1)?.contiguous()?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let lse = (x
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
+    let per_token = (lse - x.gather(&targets, 1)?)?; // [N, 1]
+    let weights = match mask {
+        None => Tensor::full(1.0 / n.max(1) as f64, (n, 1), x.device())?.to_dtype(x.dtype())?,
+        Some(m) => {
+            let m = m.to_dtype(x.dtype())?.reshape((n, 1))?;
+            m.broadcast_div(&m.sum_all()?.maximum(1.0)?)?
+        }
+    };
+    let loss = (per_token * &weights)?.sum_all()?;
+    with_backward("cross-entropy", &logits, loss, move |logits, _, g| {
+        let p = candle_nn::ops::softmax_last_dim(&logits.detach().contiguous()?)?;
+        let minus_one = Tensor::full(-1.0f32, (n, 1), p.device())?.to_dtype(p.dtype())?;
+        let d = p.scatter_add(&targets, &minus_one, 1)?;
+        d.broadcast_mul(&weights.broadcast_mul(g)?)
+    })
+}
+
+/// [`cross_entropy`] composed of differentiable ops: the reference its tests compare with.
+pub fn cross_entropy_composed(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let logits = match logits.dtype() {
         DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
         _ => logits.clone(),
@@ -90,6 +226,106 @@ mod tests {
             assert!((a - b).abs() < 1e-6);
         }
         assert_eq!(s[1], vec![0.0, 0.0, 1.0]);
+        Ok(())
+    }
+
+    /// Random `[rows, cols]` values in f64 (so fused and composed agree to rounding), with
+    /// some entries -inf as a causal mask makes them.
+    fn random(rows: usize, cols: usize, seed: u64, masked: bool) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..rows * cols)
+            .map(|i| {
+                if masked && i % cols > i / cols % cols {
+                    f64::NEG_INFINITY
+                } else {
+                    rng.random_range(-4.0..4.0)
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?;
+        d.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// Value and gradient of `f(x)·w` (a random projection makes every output matter).
+    fn value_and_grad(
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+        x: &Tensor,
+        w: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let var = candle_core::Var::from_tensor(x)?;
+        let y = f(var.as_tensor())?;
+        let loss = y.broadcast_mul(w)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(var.as_tensor())
+            .expect("input has a gradient")
+            .clone();
+        Ok((y.detach(), g))
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_one_in_value_and_gradient() -> Result<()> {
+        for masked in [false, true] {
+            let x = random(24, 24, 1, masked)?;
+            let w = random(24, 24, 2, false)?;
+            let (y1, g1) = value_and_grad(softmax_last_dim, &x, &w)?;
+            let (y2, g2) = value_and_grad(softmax_last_dim_composed, &x, &w)?;
+            assert!(
+                max_abs_diff(&y1, &y2)? < 1e-14,
+                "values differ (masked: {masked})"
+            );
+            let scale = g2.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(scale > 1e-3, "the reference gradient is not trivial");
+            let d = max_abs_diff(&g1, &g2)?;
+            assert!(
+                d < 1e-13 * scale.max(1.0),
+                "gradients differ by {d} (masked: {masked})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composed_one_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = (random(40, 97, 3, false)? * 2.0)?;
+        let targets = Tensor::from_vec((0..40u32).map(|i| (i * 37) % 97).collect(), 40, &dev)?;
+        let mask = Tensor::from_vec(
+            (0..40)
+                .map(|i| if i % 3 == 0 { 0.0f64 } else { 1.0 })
+                .collect(),
+            40,
+            &dev,
+        )?;
+        let one = Tensor::new(1.0f64, &dev)?;
+        for m in [None, Some(&mask)] {
+            let (l1, g1) = value_and_grad(|x| cross_entropy(x, &targets, m), &logits, &one)?;
+            let (l2, g2) =
+                value_and_grad(|x| cross_entropy_composed(x, &targets, m), &logits, &one)?;
+            let (l1, l2) = (l1.to_scalar::<f64>()?, l2.to_scalar::<f64>()?);
+            assert!((l1 - l2).abs() < 1e-13 * l2.abs(), "loss {l1} vs {l2}");
+            let scale = g2.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(scale > 1e-3);
+            let d = max_abs_diff(&g1, &g2)?;
+            assert!(d < 1e-14, "gradients differ by {d} (mask: {})", m.is_some());
+        }
+        // Masked rows get no gradient at all.
+        let (_, g) = value_and_grad(|x| cross_entropy(x, &targets, Some(&mask)), &logits, &one)?;
+        let row0 = g.get(0)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+        assert_eq!(row0, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_ops_without_a_graph_return_the_value_alone() -> Result<()> {
+        let x = random(4, 8, 5, false)?;
+        let y = softmax_last_dim(&x)?;
+        assert!(!y.track_op(), "a constant input builds no graph");
         Ok(())
     }
 

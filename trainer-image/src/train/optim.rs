@@ -214,17 +214,21 @@ impl Grads {
         self.by_name.iter()
     }
 
-    /// Global L2 norm over every gradient.
+    /// Global L2 norm over every gradient, summed in f64 on the gradients' device and read
+    /// back once (one synchronisation per step on a GPU, not one per tensor).
     pub fn global_norm(&self) -> Result<f64, OptimError> {
-        let mut sum = 0.0f64;
+        let mut sum: Option<Tensor> = None;
         for g in self.by_name.values() {
-            sum += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let sq = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            sum = Some(match sum {
+                Some(s) => (s + sq)?,
+                None => sq,
+            });
         }
-        Ok(sum.sqrt())
+        Ok(match sum {
+            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
     }
 
     /// Scale gradients so their global norm is at most `max_norm` (as

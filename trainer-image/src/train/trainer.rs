@@ -1,7 +1,10 @@
 //! One optimizer step and one evaluation: the core the `pretrain` loop repeats.
 
-use candle_core::{Device, Tensor};
-use taper_crds::{model::GptConfig, training::ResolvedTraining};
+use candle_core::{DType, Device, Tensor};
+use taper_crds::{
+    model::GptConfig,
+    training::{Precision, ResolvedTraining},
+};
 
 use super::{
     checkpoint::TrainerState,
@@ -34,6 +37,14 @@ pub enum StepError {
     /// The loss is NaN or infinite.
     #[error("loss is not finite ({0}) at step {1}")]
     NonFiniteLoss(f32, u64),
+}
+
+/// The dtype matmuls run in for a training precision.
+pub fn compute_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    }
 }
 
 /// What one optimizer step did.
@@ -69,14 +80,16 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A trainer over `params` (fresh or restored) with every parameter trainable.
+    /// A trainer over `params` (fresh or restored) with every parameter trainable. The
+    /// parameters are the master weights, f32 in either precision: with `bf16` the model
+    /// computes in bf16 from casts of them (see [`Gpt::with_compute_dtype`]).
     pub fn new(
         cfg: GptConfig,
         train: ResolvedTraining,
         params: ParamStore,
         device: Device,
     ) -> Result<Self, StepError> {
-        let model = Gpt::new(cfg, &params)?;
+        let model = Gpt::new(cfg, &params)?.with_compute_dtype(compute_dtype(train.precision));
         let eval_model = model.detached();
         let optim = AdamW::new(
             &params,

@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod gpt_gradients;
 mod learns_shakespeare;
+mod mixed_precision;
 mod optimizer_reference;
 mod prepare_pipeline;
 mod prepare_sources;

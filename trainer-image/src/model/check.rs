@@ -1,0 +1,277 @@
+//! `taper check-kernels`: the fused ops of [`super::ops`] against their composed
+//! references on a device, in value and gradient, and timed. The GPU device check runs it
+//! on the GPU; the unit tests run it on the CPU.
+//!
+//! Each op runs on inputs drawn from a seeded RNG, shaped as in GPT-2 small's step: the
+//! attention scores `[B, H, T, T]` with the causal mask, and the logits `[B·T, vocab]`.
+//! The composed reference is differentiated by candle's autograd from elementary ops, in
+//! f64 on the CPU (where it exists) so that the reference carries no rounding of its own
+//! worth mentioning; values and gradients are compared relative to the reference's
+//! largest magnitude.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::ops::{
+    cross_entropy, cross_entropy_composed, softmax_last_dim, softmax_last_dim_composed,
+};
+
+/// One op's comparison.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelCheck {
+    /// What was checked.
+    pub op: &'static str,
+    /// Input shape.
+    pub shape: Vec<usize>,
+    /// Largest |fused − reference| of the value, over the reference's largest |value|.
+    pub value_error: f64,
+    /// Largest |fused − reference| of the input gradient, over its largest |gradient|.
+    pub grad_error: f64,
+    /// Forward + backward of the fused op on the device, milliseconds (median of 5).
+    pub fused_ms: f64,
+    /// Forward + backward of the composed op on the device, milliseconds (median of 5).
+    pub composed_ms: f64,
+    /// The bound both errors must stay under.
+    pub tolerance: f64,
+}
+
+impl KernelCheck {
+    /// Whether both errors are within the tolerance.
+    pub fn passed(&self) -> bool {
+        self.value_error <= self.tolerance && self.grad_error <= self.tolerance
+    }
+}
+
+/// Value and input gradient of `Σ f(x) ⊙ w`.
+fn value_and_grad(
+    f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let var = Var::from_tensor(x)?;
+    let y = f(var.as_tensor())?;
+    let grads = y.broadcast_mul(w)?.sum_all()?.backward()?;
+    let g = grads
+        .get(var.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the input".into()))?
+        .clone();
+    Ok((y.detach(), g))
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let want = want.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
+    let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok(diff / scale.max(f64::MIN_POSITIVE))
+}
+
+fn median_ms(
+    device: &Device,
+    f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        device.synchronize()?;
+        let start = Instant::now();
+        let (_, g) = value_and_grad(f, x, w)?;
+        drop(g);
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.remove(0); // the first call loads kernels
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn uniform(shape: &[usize], lo: f64, hi: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// Compare one fused op with its composed reference on `device`.
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    op: &'static str,
+    device: &Device,
+    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
+    composed: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x64: &Tensor,
+    w64: &Tensor,
+    tolerance: f64,
+) -> Result<KernelCheck> {
+    // The reference: composed, f64, on the CPU.
+    let (want_y, want_g) = value_and_grad(composed, x64, w64)?;
+    // The fused op on the device, in f32 (as training runs it).
+    let x = x64.to_dtype(DType::F32)?.to_device(device)?;
+    let w = w64.to_dtype(DType::F32)?.to_device(device)?;
+    let (y, g) = value_and_grad(fused, &x, &w)?;
+    Ok(KernelCheck {
+        op,
+        shape: x64.dims().to_vec(),
+        value_error: relative_error(&y, &want_y)?,
+        grad_error: relative_error(&g, &want_g)?,
+        fused_ms: median_ms(device, fused, &x, &w)?,
+        composed_ms: median_ms(device, composed, &x, &w)?,
+        tolerance,
+    })
+}
+
+/// Check the fused softmax (on masked attention scores `[batch, heads, t, t]`) and the
+/// fused cross-entropy (on logits `[rows, vocab]`, with and without a loss mask).
+pub fn check_fused_ops(
+    device: &Device,
+    (batch, heads, t): (usize, usize, usize),
+    (rows, vocab): (usize, usize),
+) -> Result<Vec<KernelCheck>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x7a9e);
+    // f32 rounding of inputs and arithmetic: a few ulps of the largest value.
+    let tolerance = 1e-5;
+    let mut out = Vec::new();
+
+    let scores = uniform(&[batch, heads, t, t], -6.0, 6.0, &mut rng)?;
+    let causal: Vec<f64> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let causal = Tensor::from_vec(causal, (t, t), &Device::Cpu)?;
+    let scores = scores.broadcast_add(&causal)?;
+    let w = uniform(&[batch, heads, t, t], -1.0, 1.0, &mut rng)?;
+    out.push(compare(
+        "softmax (causal)",
+        device,
+        &softmax_last_dim,
+        &softmax_last_dim_composed,
+        &scores,
+        &w,
+        tolerance,
+    )?);
+
+    let logits = uniform(&[rows, vocab], -8.0, 8.0, &mut rng)?;
+    let targets: Vec<u32> = (0..rows)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    let mask: Vec<f32> = (0..rows)
+        .map(|_| if rng.random_bool(0.7) { 1.0 } else { 0.0 })
+        .collect();
+    let one = Tensor::new(1.0f64, &Device::Cpu)?;
+    for masked in [false, true] {
+        // Targets and mask live on the device of the logits they meet.
+        let on = |dev: &Device| -> Result<(Tensor, Tensor)> {
+            Ok((
+                Tensor::new(targets.as_slice(), dev)?,
+                Tensor::new(mask.as_slice(), dev)?,
+            ))
+        };
+        let (t_cpu, m_cpu) = on(&Device::Cpu)?;
+        let (t_dev, m_dev) = on(device)?;
+        let pick = |x: &Tensor| -> (Tensor, Option<Tensor>) {
+            let (t, m) = if x.device().is_cpu() {
+                (&t_cpu, &m_cpu)
+            } else {
+                (&t_dev, &m_dev)
+            };
+            (t.clone(), masked.then(|| m.clone()))
+        };
+        let fused = |x: &Tensor| {
+            let (t, m) = pick(x);
+            cross_entropy(x, &t, m.as_ref())
+        };
+        let composed = |x: &Tensor| {
+            let (t, m) = pick(x);
+            cross_entropy_composed(x, &t, m.as_ref())
+        };
+        out.push(compare(
+            if masked {
+                "cross-entropy (masked)"
+            } else {
+                "cross-entropy"
+            },
+            device,
+            &fused,
+            &composed,
+            &logits,
+            &one,
+            tolerance,
+        )?);
+    }
+    Ok(out)
+}
+
+/// The checks as a Markdown table.
+pub fn table(device: &Device, checks: &[KernelCheck]) -> String {
+    let mut s = format!(
+        "| op on {} | shape | value error | gradient error | fused fwd+bwd ms | composed fwd+bwd ms | result |\n|---|---|---:|---:|---:|---:|---|\n",
+        if device.is_cuda() { "cuda" } else { "cpu" }
+    );
+    for c in checks {
+        s.push_str(&format!(
+            "| {} | {:?} | {:.1e} | {:.1e} | {:.2} | {:.2} | {} (≤ {:.0e}) |\n",
+            c.op,
+            c.shape,
+            c.value_error,
+            c.grad_error,
+            c.fused_ms,
+            c.composed_ms,
+            if c.passed() { "PASS" } else { "FAIL" },
+            c.tolerance
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_ops_pass_their_check_on_the_cpu() -> Result<()> {
+        let checks = check_fused_ops(&Device::Cpu, (2, 2, 32), (64, 500))?;
+        eprintln!("{}", table(&Device::Cpu, &checks));
+        assert_eq!(checks.len(), 3);
+        for c in &checks {
+            assert!(c.passed(), "{c:?}");
+            assert!(
+                c.grad_error > 0.0,
+                "{}: f32 against f64 cannot be exact",
+                c.op
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_check_fails_a_wrong_gradient() -> Result<()> {
+        // A softmax whose backward drops the Σ g⊙y term must not pass.
+        let wrong = |x: &Tensor| {
+            let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+            super::super::ops::with_backward("wrong", x, y, |_, y, g| y * g)
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let x = uniform(&[4, 16], -3.0, 3.0, &mut rng)?;
+        let w = uniform(&[4, 16], -1.0, 1.0, &mut rng)?;
+        let c = compare(
+            "wrong",
+            &Device::Cpu,
+            &wrong,
+            &softmax_last_dim_composed,
+            &x,
+            &w,
+            1e-5,
+        )?;
+        assert!(c.value_error < 1e-6 && c.grad_error > 1e-2, "{c:?}");
+        assert!(!c.passed());
+        Ok(())
+    }
+}
