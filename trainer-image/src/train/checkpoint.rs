@@ -132,6 +132,76 @@ pub enum CheckpointError {
     Corrupt(String),
 }
 
+/// A checkpoint's contents copied to host memory, so that training can go on changing the
+/// live tensors (the optimizer writes parameters in place) while this copy is written out.
+/// Taking it is all that a training step waits for.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Trainer state.
+    pub state: TrainerState,
+    /// Model weights by name, on the CPU.
+    pub model: BTreeMap<String, Tensor>,
+    /// Optimizer moments by name, on the CPU.
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+impl Snapshot {
+    /// Copy `model` and `optimizer` to host memory: from a GPU, a device-to-host transfer;
+    /// on the CPU, a deep copy (a clone of a tensor would share the parameter's storage).
+    pub fn take(
+        state: TrainerState,
+        model: &BTreeMap<String, Tensor>,
+        optimizer: &BTreeMap<String, Tensor>,
+    ) -> Result<Self, CheckpointError> {
+        let host =
+            |m: &BTreeMap<String, Tensor>| -> Result<BTreeMap<String, Tensor>, CheckpointError> {
+                m.iter()
+                    .map(|(name, t)| {
+                        let copy = if t.device().is_cpu() {
+                            t.copy()?
+                        } else {
+                            t.to_device(&Device::Cpu)?
+                        };
+                        Ok((name.clone(), copy))
+                    })
+                    .collect()
+            };
+        Ok(Self {
+            state,
+            model: host(model)?,
+            optimizer: host(optimizer)?,
+        })
+    }
+}
+
+/// What one checkpoint file holds, written by [`FileContent::write`].
+enum FileContent {
+    /// Named tensors, as safetensors.
+    Tensors(BTreeMap<String, Tensor>),
+    /// Bytes as they are (`state.json`).
+    Bytes(Vec<u8>),
+}
+
+impl FileContent {
+    fn write(self, path: &Path) -> Result<(), CheckpointError> {
+        match self {
+            Self::Tensors(tensors) => {
+                let tensors: std::collections::HashMap<String, Tensor> =
+                    tensors.into_iter().collect();
+                candle_core::safetensors::save(&tensors, path)?;
+                Ok(())
+            }
+            Self::Bytes(bytes) => std::fs::write(path, bytes).map_err(io_err(path)),
+        }
+    }
+}
+
+/// Turn an I/O error on `path` into a [`CheckpointError`].
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + use<> {
+    let path = path.display().to_string();
+    move |source| CheckpointError::Io { path, source }
+}
+
 /// The folder name of step `step`.
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:09}")
@@ -142,10 +212,7 @@ fn step_of(dir: &str) -> Option<u64> {
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
-    crate::store::sha256_file(path).map_err(|source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    crate::store::sha256_file(path).map_err(io_err(path))
 }
 
 /// Checkpoints of one job in one store, with a local staging folder.
@@ -175,6 +242,10 @@ impl<'a> Checkpointer<'a> {
 
     /// Write a checkpoint: the three files, then the manifest, then `latest.json`.
     /// Returns the manifest (whose sha256 identifies the checkpoint) and its folder URI.
+    ///
+    /// The files are a pipeline: each is serialised to the staging folder on a blocking
+    /// thread while the one before it is hashed and uploaded, and each file's hash runs
+    /// beside its upload, so the store sees bytes for nearly all of the save.
     pub async fn save(
         &self,
         state: &TrainerState,
@@ -183,39 +254,79 @@ impl<'a> Checkpointer<'a> {
     ) -> Result<(CheckpointManifest, String), CheckpointError> {
         let dir = dir_name(state.step);
         let local = self.staging.join(&dir);
-        let io = |p: &Path| {
-            let p = p.display().to_string();
-            move |source| CheckpointError::Io { path: p, source }
-        };
-        std::fs::create_dir_all(&local).map_err(io(&local))?;
-        let to_hash = |m: &BTreeMap<String, Tensor>| -> std::collections::HashMap<String, Tensor> {
-            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        candle_core::safetensors::save(&to_hash(model), local.join(FILES[0]))?;
-        candle_core::safetensors::save(&to_hash(optimizer), local.join(FILES[1]))?;
+        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
         let state_json =
             serde_json::to_vec_pretty(state).map_err(|source| CheckpointError::Json {
                 what: "state.json".into(),
                 source,
             })?;
-        std::fs::write(local.join(FILES[2]), state_json).map_err(io(&local.join(FILES[2])))?;
+        let contents = [
+            FileContent::Tensors(model.clone()),
+            FileContent::Tensors(optimizer.clone()),
+            FileContent::Bytes(state_json),
+        ];
 
         // A folder for this step may exist: a previous attempt that died before its
         // manifest (never a checkpoint), or a checkpoint that resume found corrupt and
         // training has now passed again. Its manifest goes first, so that no manifest ever
         // describes files that are being replaced.
         self.store.delete(&join(&dir, MANIFEST)).await?;
-        let mut files = Vec::new();
-        for name in FILES {
-            let path = local.join(name);
-            let (size, sha256) = sha256_file(&path)?;
-            self.store.put_file(&join(&dir, name), &path).await?;
-            files.push(FileEntry {
-                name: name.to_string(),
-                size,
-                sha256,
-            });
+
+        let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<PathBuf>(FILES.len());
+        let write_all = async {
+            for (name, content) in FILES.iter().zip(contents) {
+                let path = local.join(name);
+                let target = path.clone();
+                tokio::task::spawn_blocking(move || content.write(&target))
+                    .await
+                    .map_err(|e| CheckpointError::Io {
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(e),
+                    })??;
+                if written_tx.send(path).await.is_err() {
+                    break; // the uploader stopped on an error, which it reports
+                }
+            }
+            drop(written_tx);
+            Ok::<(), CheckpointError>(())
+        };
+        let upload_all = async {
+            let mut files = Vec::new();
+            while let Some(path) = written_rx.recv().await {
+                let name = FILES[files.len()];
+                let hashed = path.clone();
+                let hash = async {
+                    tokio::task::spawn_blocking(move || sha256_file(&hashed))
+                        .await
+                        .map_err(|e| CheckpointError::Io {
+                            path: path.display().to_string(),
+                            source: std::io::Error::other(e),
+                        })?
+                };
+                let put = async {
+                    self.store
+                        .put_file(&join(&dir, name), &path)
+                        .await
+                        .map_err(CheckpointError::from)
+                };
+                let ((size, sha256), ()) = tokio::try_join!(hash, put)?;
+                files.push(FileEntry {
+                    name: name.to_string(),
+                    size,
+                    sha256,
+                });
+            }
+            Ok::<Vec<FileEntry>, CheckpointError>(files)
+        };
+        let ((), files) = tokio::try_join!(write_all, upload_all)?;
+        if files.len() != FILES.len() {
+            return Err(CheckpointError::Corrupt(format!(
+                "{dir}: {} of {} files were written",
+                files.len(),
+                FILES.len()
+            )));
         }
+
         let manifest = CheckpointManifest {
             step: state.step,
             tokens: state.tokens,
@@ -232,7 +343,7 @@ impl<'a> Checkpointer<'a> {
         self.store
             .put(LATEST, latest.to_string().into_bytes())
             .await?;
-        std::fs::remove_dir_all(&local).map_err(io(&local))?;
+        std::fs::remove_dir_all(&local).map_err(io_err(&local))?;
         Ok((manifest, join(&self.store.uri(), &dir)))
     }
 
@@ -292,10 +403,7 @@ impl<'a> Checkpointer<'a> {
             .into_iter()
             .collect();
         let state_path = path(FILES[2])?;
-        let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io {
-            path: state_path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
         let state = serde_json::from_slice(&text).map_err(|source| CheckpointError::Json {
             what: format!("{}/state.json", listed.dir),
             source,

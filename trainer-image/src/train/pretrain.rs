@@ -1,5 +1,13 @@
 //! The pretraining loop: resume, train, evaluate, apply the overfitting policy,
 //! checkpoint, report — until `maxSteps`, an early stop, or SIGTERM.
+//!
+//! Checkpoints are written off the critical path: the step that saves waits only for a
+//! snapshot of the weights and optimizer state in host memory; a background thread
+//! serialises, hashes and uploads it (files, then the manifest, then `latest.json`, then
+//! retention) while training goes on. At most one upload is in flight: the next save
+//! waits for the previous one, and so does every way out of the loop (the end, an early
+//! stop, SIGTERM), so a run never exits with its last checkpoint half written. An upload
+//! that fails fails the run at the next step, as a synchronous save did.
 
 use std::{
     io::Write,
@@ -19,7 +27,7 @@ use taper_crds::{
 };
 
 use super::{
-    checkpoint::{CheckpointError, Checkpointer, TrainerState},
+    checkpoint::{CheckpointError, Checkpointer, Snapshot, TrainerState},
     data::{DataError, TokenSplit},
     trainer::{StepError, Trainer},
 };
@@ -114,6 +122,20 @@ pub enum PretrainError {
     /// The checkpoint to resume from belongs to another model or dataset.
     #[error("checkpoint {0} does not match this job: {1}")]
     Mismatch(String, String),
+    /// The thread writing a checkpoint panicked.
+    #[error("the checkpoint upload thread panicked")]
+    UploadPanicked,
+}
+
+/// The checkpoint being written in the background, if any.
+type Upload<'scope> = std::thread::ScopedJoinHandle<'scope, Result<(), PretrainError>>;
+
+/// Wait for the upload in flight, if any, and return its error.
+fn finish_upload(upload: &mut Option<Upload<'_>>) -> Result<(), PretrainError> {
+    match upload.take() {
+        None => Ok(()),
+        Some(handle) => handle.join().map_err(|_| PretrainError::UploadPanicked)?,
+    }
 }
 
 /// One line of machine-readable progress (JSON on stdout), read by the operator.
@@ -215,7 +237,6 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     let ckpt_every = run.checkpoint_interval.max(1);
     let flops = flops_per_token(&run.model, n_params);
     let mut non_finite = 0u32;
-    let mut last_val: Option<f32>;
     // Human progress on a terminal; the JSON lines on stdout are for machines.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new(max_steps).with_position(trainer.step_count());
@@ -226,30 +247,26 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         bar
     });
 
-    let save = |trainer: &Trainer,
-                tracker: &Tracker,
-                val_loss: Option<f32>|
-     -> Result<(), PretrainError> {
+    // What a checkpoint holds besides tensors, as of now.
+    let state_of = |trainer: &Trainer, tracker: &Tracker, val_loss: Option<f32>| TrainerState {
+        step: trainer.step_count(),
+        tokens: trainer.tokens(),
+        sampler: trainer.sampler_state(),
+        best_val_loss: tracker.best,
+        best_step: tracker.best_step,
+        val_loss,
+        evals_without_improvement: tracker.bad_evals,
+        lr_scale: trainer.lr_scale(),
+        model: run.model,
+        training: run.training.clone(),
+        dataset_digest: run.dataset_digest.clone(),
+        tokenizer: run.tokenizer.clone(),
+    };
+    // Write a snapshot to the store and apply retention; runs on the upload thread.
+    let upload = |snapshot: Snapshot, stall: f64| -> Result<(), PretrainError> {
         let started = Instant::now();
-        let state = TrainerState {
-            step: trainer.step_count(),
-            tokens: trainer.tokens(),
-            sampler: trainer.sampler_state(),
-            best_val_loss: tracker.best,
-            best_step: tracker.best_step,
-            val_loss,
-            evals_without_improvement: tracker.bad_evals,
-            lr_scale: trainer.lr_scale(),
-            model: run.model,
-            training: run.training.clone(),
-            dataset_digest: run.dataset_digest.clone(),
-            tokenizer: run.tokenizer.clone(),
-        };
-        let (manifest, uri) = rt.block_on(ckpt.save(
-            &state,
-            &trainer.params().tensors(),
-            &trainer.optimizer().state_tensors(),
-        ))?;
+        let (manifest, uri) =
+            rt.block_on(ckpt.save(&snapshot.state, &snapshot.model, &snapshot.optimizer))?;
         let deleted = rt.block_on(ckpt.retain(run.keep))?;
         let secs = started.elapsed().as_secs_f64();
         if let Some(m) = run.metrics {
@@ -261,110 +278,145 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             .map(|f| f.sha256.as_str())
             .collect::<Vec<_>>()
             .join(",");
+        let state = &snapshot.state;
         emit(
             json!({"event": "checkpoint", "step": state.step, "tokens": state.tokens, "uri": uri,
-                    "valLoss": val_loss, "seconds": secs, "deleted": deleted, "fileSha256": sha}),
+                    "valLoss": state.val_loss, "seconds": secs, "stallSeconds": stall,
+                    "deleted": deleted, "fileSha256": sha}),
         );
         Ok(())
     };
 
-    loop {
-        let step = trainer.step_count();
-        if step >= max_steps {
-            emit(json!({"event": "done", "reason": "MaxStepsReached", "step": step}));
-            return Ok(Outcome::MaxStepsReached { step });
-        }
-        let started = Instant::now();
-        let stats = match trainer.step(run.train) {
-            Ok(s) => {
-                non_finite = 0;
-                s
-            }
-            Err(StepError::NonFiniteLoss(value, at)) => {
-                non_finite += 1;
-                emit(
-                    json!({"event": "nonFiniteLoss", "step": at, "value": value.to_string(), "consecutive": non_finite}),
-                );
-                if non_finite >= MAX_NON_FINITE_STEPS {
-                    return Err(PretrainError::Diverged(non_finite, at));
-                }
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+    std::thread::scope(|scope| {
+        let mut in_flight: Option<Upload<'_>> = None;
+        // What a save waits for: a copy of the state in host memory.
+        let snapshot = |trainer: &Trainer,
+                        tracker: &Tracker,
+                        val_loss: Option<f32>|
+         -> Result<(Snapshot, f64), PretrainError> {
+            let started = Instant::now();
+            let snapshot = Snapshot::take(
+                state_of(trainer, tracker, val_loss),
+                &trainer.params().tensors(),
+                &trainer.optimizer().state_tensors(),
+            )?;
+            Ok((snapshot, started.elapsed().as_secs_f64()))
         };
-        let secs = started.elapsed().as_secs_f64();
-        let tok_s = stats.tokens as f64 / secs.max(1e-9);
-        let mfu = run.peak_flops.map(|peak| flops * tok_s / peak);
-        if let Some(m) = run.metrics {
-            m.train_loss.set(stats.loss as f64);
-            m.learning_rate.set(stats.lr);
-            m.step.set(stats.step as i64);
-            m.tokens.inc_by(stats.tokens);
-            m.step_duration.observe(secs);
-            if let Some(mfu) = mfu {
-                m.mfu.set(mfu);
-            }
-        }
-        if let Some(bar) = &bar {
-            bar.set_position(stats.step);
-            bar.set_message(format!("loss {:.3}  {:.0} tok/s", stats.loss, tok_s));
-        }
-        // With a bar on an interactive terminal, per-step JSON would only scroll past it.
-        if bar.is_none() || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-            emit(
-                json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                        "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
-                        "mfu": mfu, "seconds": secs}),
-            );
-        }
-
-        let at_end = stats.step >= max_steps;
-        let mut stop_early = false;
-        let mut improved = false;
-        last_val = None;
-        if stats.step % eval_every == 0 || at_end {
-            let iters = run.training.eval_iterations.max(1) as usize;
-            let eval_seed = run.training.seed as u64 ^ 0x5eed_e7a1;
-            let train_loss = trainer.evaluate(run.train, iters, eval_seed)?;
-            let val_loss = trainer.evaluate(run.test, iters, eval_seed)?;
-            last_val = Some(val_loss);
-            if let Some(m) = run.metrics {
-                m.val_loss.set(val_loss as f64);
-            }
-            let decision = tracker.observe(stats.step, val_loss, &run.overfitting);
-            improved = decision == Decision::Improved;
-            let action = match decision {
-                Decision::ReduceLearningRate => {
-                    trainer.scale_lr(run.overfitting.factor);
-                    "reduceLearningRate"
+        let outcome = (|| -> Result<Outcome, PretrainError> {
+            loop {
+                // An upload that failed fails the run now, not at the next save.
+                if in_flight.as_ref().is_some_and(|h| h.is_finished()) {
+                    finish_upload(&mut in_flight)?;
                 }
-                Decision::StopEarly => {
-                    stop_early = true;
-                    "stopEarly"
+                let step = trainer.step_count();
+                if step >= max_steps {
+                    return Ok(Outcome::MaxStepsReached { step });
                 }
-                Decision::Improved | Decision::Continue => "none",
-            };
-            emit(
-                json!({"event": "eval", "step": stats.step, "trainLoss": train_loss, "valLoss": val_loss,
-                        "bestValLoss": tracker.best, "bestStep": tracker.best_step, "action": action}),
-            );
-        }
+                let started = Instant::now();
+                let stats = match trainer.step(run.train) {
+                    Ok(s) => {
+                        non_finite = 0;
+                        s
+                    }
+                    Err(StepError::NonFiniteLoss(value, at)) => {
+                        non_finite += 1;
+                        emit(
+                            json!({"event": "nonFiniteLoss", "step": at, "value": value.to_string(), "consecutive": non_finite}),
+                        );
+                        if non_finite >= MAX_NON_FINITE_STEPS {
+                            return Err(PretrainError::Diverged(non_finite, at));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let secs = started.elapsed().as_secs_f64();
+                let tok_s = stats.tokens as f64 / secs.max(1e-9);
+                let mfu = run.peak_flops.map(|peak| flops * tok_s / peak);
+                if let Some(m) = run.metrics {
+                    m.train_loss.set(stats.loss as f64);
+                    m.learning_rate.set(stats.lr);
+                    m.step.set(stats.step as i64);
+                    m.tokens.inc_by(stats.tokens);
+                    m.step_duration.observe(secs);
+                    if let Some(mfu) = mfu {
+                        m.mfu.set(mfu);
+                    }
+                }
+                if let Some(bar) = &bar {
+                    bar.set_position(stats.step);
+                    bar.set_message(format!("loss {:.3}  {:.0} tok/s", stats.loss, tok_s));
+                }
+                // With a bar on an interactive terminal, per-step JSON would only scroll past it.
+                if bar.is_none() || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    emit(
+                        json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                                "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
+                                "mfu": mfu, "seconds": secs}),
+                    );
+                }
 
-        let interrupted =
-            run.stop.load(Ordering::SeqCst) || run.stop_after.is_some_and(|s| stats.step >= s);
-        // A new best is saved at once (as nanoGPT does), so the best checkpoint always exists.
-        if stats.step % ckpt_every == 0 || improved || at_end || stop_early || interrupted {
-            save(&trainer, &tracker, last_val)?;
-        }
-        if stop_early {
-            emit(json!({"event": "done", "reason": "StoppedEarly", "step": stats.step}));
-            return Ok(Outcome::StoppedEarly { step: stats.step });
-        }
-        if interrupted && !at_end {
-            emit(json!({"event": "done", "reason": "Interrupted", "step": stats.step}));
-            return Ok(Outcome::Interrupted { step: stats.step });
-        }
-    }
+                let at_end = stats.step >= max_steps;
+                let mut stop_early = false;
+                let mut improved = false;
+                let mut last_val = None;
+                if stats.step % eval_every == 0 || at_end {
+                    let iters = run.training.eval_iterations.max(1) as usize;
+                    let eval_seed = run.training.seed as u64 ^ 0x5eed_e7a1;
+                    let train_loss = trainer.evaluate(run.train, iters, eval_seed)?;
+                    let val_loss = trainer.evaluate(run.test, iters, eval_seed)?;
+                    last_val = Some(val_loss);
+                    if let Some(m) = run.metrics {
+                        m.val_loss.set(val_loss as f64);
+                    }
+                    let decision = tracker.observe(stats.step, val_loss, &run.overfitting);
+                    improved = decision == Decision::Improved;
+                    let action = match decision {
+                        Decision::ReduceLearningRate => {
+                            trainer.scale_lr(run.overfitting.factor);
+                            "reduceLearningRate"
+                        }
+                        Decision::StopEarly => {
+                            stop_early = true;
+                            "stopEarly"
+                        }
+                        Decision::Improved | Decision::Continue => "none",
+                    };
+                    emit(
+                        json!({"event": "eval", "step": stats.step, "trainLoss": train_loss, "valLoss": val_loss,
+                                "bestValLoss": tracker.best, "bestStep": tracker.best_step, "action": action}),
+                    );
+                }
+
+                let interrupted = run.stop.load(Ordering::SeqCst)
+                    || run.stop_after.is_some_and(|s| stats.step >= s);
+                // A new best is saved at once (as nanoGPT does), so the best checkpoint always exists.
+                if stats.step % ckpt_every == 0 || improved || at_end || stop_early || interrupted {
+                    // At most one upload in flight: wait for the previous one first.
+                    finish_upload(&mut in_flight)?;
+                    let (snap, stall) = snapshot(&trainer, &tracker, last_val)?;
+                    in_flight = Some(scope.spawn(move || upload(snap, stall)));
+                }
+                if stop_early {
+                    return Ok(Outcome::StoppedEarly { step: stats.step });
+                }
+                if interrupted && !at_end {
+                    return Ok(Outcome::Interrupted { step: stats.step });
+                }
+            }
+        })();
+        // Every way out waits for the checkpoint in flight; "done" comes after it.
+        let uploaded = finish_upload(&mut in_flight);
+        let outcome = outcome?;
+        uploaded?;
+        let (reason, step) = match &outcome {
+            Outcome::MaxStepsReached { step } => ("MaxStepsReached", step),
+            Outcome::StoppedEarly { step } => ("StoppedEarly", step),
+            Outcome::Interrupted { step } => ("Interrupted", step),
+        };
+        emit(json!({"event": "done", "reason": reason, "step": step}));
+        Ok(outcome)
+    })
 }
 
 #[cfg(test)]

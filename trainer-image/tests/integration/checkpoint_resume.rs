@@ -6,7 +6,8 @@ use crate::common::{TempDir, byte_dataset, quick_training, runtime, tiny_run};
 use candle_core::Device;
 use taper_crds::training::Overfitting;
 use taper_trainer::{
-    store::{LocalStore, ObjectStore},
+    metrics::Metrics,
+    store::{BoxFuture, LocalStore, ObjectInfo, ObjectStore, StoreError},
     train::{
         checkpoint::{Checkpointer, LATEST, MANIFEST, dir_name},
         data::open_dataset,
@@ -215,4 +216,92 @@ fn a_diverging_loss_is_detected_and_not_trained_through() {
         rt.block_on(store.list("")).expect("list").is_empty(),
         "no checkpoint of a diverged model is written"
     );
+}
+
+/// A local store whose file uploads take `delay` each, noting the training step (read from
+/// the run's metrics) when each upload starts and when it ends.
+#[derive(Debug)]
+struct SlowStore {
+    inner: LocalStore,
+    delay: std::time::Duration,
+    step: prometheus::IntGauge,
+    seen: std::sync::Mutex<Vec<(i64, i64)>>,
+}
+
+impl ObjectStore for SlowStore {
+    fn uri(&self) -> String {
+        self.inner.uri()
+    }
+    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.put(key, data)
+    }
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let before = self.step.get();
+            tokio::time::sleep(self.delay).await;
+            let result = self.inner.put_file(key, path).await;
+            let after = self.step.get();
+            self.seen.lock().expect("lock").push((before, after));
+            result
+        })
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, StoreError>> {
+        self.inner.get(key)
+    }
+    fn get_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.get_file(key, path)
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectInfo>, StoreError>> {
+        self.inner.list(prefix)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn training_goes_on_while_a_checkpoint_uploads_and_the_run_waits_for_the_last() {
+    let rt = runtime();
+    let tmp = TempDir::new("background");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+    let (manifest, train, test) = open_dataset(&data).expect("dataset");
+    let metrics = Metrics::new("PretrainJob", "test", "background").expect("metrics");
+    let store = SlowStore {
+        inner: LocalStore::new(tmp.path().join("ckpt")),
+        delay: std::time::Duration::from_millis(150),
+        step: metrics.step.clone(),
+        seen: Default::default(),
+    };
+    let outcome = pretrain::run(
+        &rt,
+        PretrainRun {
+            checkpoint_interval: 8,
+            metrics: Some(&metrics),
+            ..tiny_run(&manifest, &train, &test, &store, tmp.path().join("s"), 24)
+        },
+    )
+    .expect("run");
+    assert_eq!(outcome, Outcome::MaxStepsReached { step: 24 });
+    let seen = store.seen.lock().expect("lock").clone();
+    assert!(
+        seen.iter().any(|(before, after)| after > before),
+        "the step never advanced while a file uploaded: {seen:?}"
+    );
+    // The run returned only once the last checkpoint was complete.
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.inner.path(LATEST)).expect("latest.json"))
+            .expect("json");
+    assert_eq!(latest["step"], 24);
+    let (step, _) = weights(&store, &rt, &tmp.path().join("r"));
+    assert_eq!(step, 24);
 }
