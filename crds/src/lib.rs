@@ -12,6 +12,7 @@ pub mod finetune;
 pub mod job;
 pub mod manifest;
 pub mod model;
+pub mod pod;
 pub mod pretrain;
 pub mod resources;
 pub mod store;

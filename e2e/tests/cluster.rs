@@ -14,6 +14,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use serde_json::{Value, json};
+use taper_crds::pod;
 use taper_e2e::{
     cluster::{self, ClusterOptions, ControlPlane},
     runner::{PodRunner, RunnerOptions},
@@ -951,11 +952,11 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
             "containers": [{"name": "trainer", "image": "taper-trainer:0.1.0", "args": args,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "env": [
-                    {"name": "TAPER_METRICS_ADDR", "valueFrom": {"secretKeyRef": {"name": "metrics", "key": "addr"}}},
-                    {"name": "TAPER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": pod::env::METRICS_ADDR, "valueFrom": {"secretKeyRef": {"name": "metrics", "key": "addr"}}},
+                    {"name": pod::env::NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                     {"name": "DATA", "valueFrom": {"configMapKeyRef": {"name": "job", "key": "data"}}},
                 ],
-                "volumeMounts": [{"name": "job", "mountPath": "/etc/taper"}, {"name": "work", "mountPath": "/work"}],
+                "volumeMounts": [{"name": "job", "mountPath": pod::JOB_MOUNT_PATH}, {"name": "work", "mountPath": pod::WORK_MOUNT_PATH}],
                 "resources": {"limits": {"nvidia.com/gpu": "1"}},
                 "securityContext": secure}]}})
     };
@@ -964,7 +965,7 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
         json!([
             "pretrain",
             "--job",
-            "/etc/taper/job.yaml",
+            pod::job_path(),
             "--data",
             "file://$(DATA)",
             "--checkpoints",
@@ -1017,7 +1018,8 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
                 describe()
             );
             let (status, body) = taper_e2e::http::get(metrics_port, "/metrics")?;
-            let step = body.lines().find(|l| l.starts_with("taper_train_step{"))?;
+            let prefix = format!("{}{{", pod::metric::TRAIN_STEP);
+            let step = body.lines().find(|l| l.starts_with(&prefix))?;
             let value: f64 = step.rsplit(' ').next()?.parse().ok()?;
             (status == 200 && value >= 2.0).then_some(body)
         },
@@ -1073,7 +1075,11 @@ fn trainer_pod_checks(kubeconfig: &Path, taper: &Path, corpus: &Path, log: &Path
     // A failing container: exit code and a termination message from its log.
     let failing = pod(
         "bad-job",
-        json!(["validate", "--job", "/etc/taper/bad.yaml"]),
+        json!([
+            "validate",
+            "--job",
+            format!("{}/bad.yaml", pod::JOB_MOUNT_PATH)
+        ]),
     );
     ok(
         &kubectl(

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use taper_crds::{TaperObject, exit, parse_manifests};
+use taper_crds::{TaperObject, exit, parse_manifests, pod};
 use taper_trainer::{
     generate::{self, SampleOptions},
     job::{self, JobError},
@@ -85,7 +85,7 @@ enum Command {
     /// a device, in value and gradient, and time both; exits 1 when one is off.
     CheckKernels {
         /// `cpu`, `cuda` or `cuda:N`; by default the first GPU when there is one.
-        #[arg(long, env = "TAPER_DEVICE")]
+        #[arg(long, env = pod::env::DEVICE)]
         device: Option<String>,
     },
     /// Run the embedded quickstart pipeline on this CPU: prepare Tiny Shakespeare, pretrain a
@@ -117,22 +117,22 @@ struct PretrainArgs {
     #[arg(long)]
     checkpoints: Option<String>,
     /// Local working folder (dataset cache, checkpoint staging).
-    #[arg(long, env = "TAPER_WORK_DIR", default_value = ".taper/work")]
+    #[arg(long, env = pod::env::WORK_DIR, default_value = ".taper/work")]
     work_dir: PathBuf,
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9090).
-    #[arg(long, env = "TAPER_METRICS_ADDR")]
+    #[arg(long, env = pod::env::METRICS_ADDR)]
     metrics_addr: Option<SocketAddr>,
     /// Peak FLOP/s of the device in TFLOPS, for MFU (H100 bf16 dense: 989).
-    #[arg(long, env = "TAPER_PEAK_TFLOPS")]
+    #[arg(long, env = pod::env::PEAK_TFLOPS)]
     peak_tflops: Option<f64>,
     /// Stop (with a checkpoint, exit 75) after this step: for demos of resume.
     #[arg(long)]
     stop_after: Option<u64>,
     /// Namespace label of the metrics.
-    #[arg(long, env = "TAPER_NAMESPACE", default_value = "local")]
+    #[arg(long, env = pod::env::NAMESPACE, default_value = "local")]
     namespace: String,
     /// Device to train on: `cpu`, `cuda` or `cuda:N` (default: the first GPU if any).
-    #[arg(long, env = "TAPER_DEVICE")]
+    #[arg(long, env = pod::env::DEVICE)]
     device: Option<String>,
 }
 

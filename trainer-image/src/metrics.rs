@@ -9,6 +9,7 @@ use std::{
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
 };
+use taper_crds::pod::metric;
 
 /// The metrics of one training run.
 #[derive(Clone, Debug)]
@@ -38,43 +39,40 @@ impl Metrics {
         let registry = Registry::new();
         let opts = |n: &str, help: &str| {
             Opts::new(n, help)
-                .const_label("kind", kind)
-                .const_label("namespace", namespace)
-                .const_label("name", name)
+                .const_label(metric::LABELS[0], kind)
+                .const_label(metric::LABELS[1], namespace)
+                .const_label(metric::LABELS[2], name)
         };
         let hist = |n: &str, help: &str, buckets: Vec<f64>| {
             HistogramOpts::new(n, help)
-                .const_label("kind", kind)
-                .const_label("namespace", namespace)
-                .const_label("name", name)
+                .const_label(metric::LABELS[0], kind)
+                .const_label(metric::LABELS[1], namespace)
+                .const_label(metric::LABELS[2], name)
                 .buckets(buckets)
         };
         let m = Self {
             train_loss: Gauge::with_opts(opts(
-                "taper_train_loss",
+                metric::TRAIN_LOSS,
                 "Latest training loss (nats per token).",
             ))?,
             val_loss: Gauge::with_opts(opts(
-                "taper_val_loss",
+                metric::VAL_LOSS,
                 "Latest validation loss (nats per token).",
             ))?,
-            learning_rate: Gauge::with_opts(opts("taper_learning_rate", "Current learning rate."))?,
-            step: IntGauge::with_opts(opts("taper_train_step", "Optimizer steps taken."))?,
-            tokens: IntCounter::with_opts(opts(
-                "taper_train_tokens_total",
-                "Training tokens consumed.",
-            ))?,
+            learning_rate: Gauge::with_opts(opts(metric::LEARNING_RATE, "Current learning rate."))?,
+            step: IntGauge::with_opts(opts(metric::TRAIN_STEP, "Optimizer steps taken."))?,
+            tokens: IntCounter::with_opts(opts(metric::TRAIN_TOKENS, "Training tokens consumed."))?,
             step_duration: Histogram::with_opts(hist(
-                "taper_step_duration_seconds",
+                metric::STEP_DURATION,
                 "Wall time of one optimizer step.",
                 prometheus::exponential_buckets(0.01, 2.0, 16)?,
             ))?,
             mfu: Gauge::with_opts(opts(
-                "taper_mfu_ratio",
+                metric::MFU,
                 "Model FLOPs utilisation, as a fraction of the configured peak.",
             ))?,
             checkpoint_save: Histogram::with_opts(hist(
-                "taper_checkpoint_save_duration_seconds",
+                metric::CHECKPOINT_SAVE_DURATION,
                 "Time to write one checkpoint to the store.",
                 prometheus::exponential_buckets(0.1, 2.0, 14)?,
             ))?,

@@ -1429,7 +1429,7 @@ pub fn prepare_with(
         options
             .substring_chunk_tokens
             .or_else(|| {
-                std::env::var("TAPER_SUBSTRING_CHUNK_TOKENS")
+                std::env::var(taper_crds::pod::env::SUBSTRING_CHUNK_TOKENS)
                     .ok()
                     .and_then(|v| v.parse().ok())
             })

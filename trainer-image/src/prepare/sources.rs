@@ -195,7 +195,7 @@ impl Spool {
     pub(crate) fn new() -> Self {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let base = std::env::var_os("TAPER_SPOOL_DIR")
+        let base = std::env::var_os(taper_crds::pod::env::SPOOL_DIR)
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         Self(base.join(format!("taper-prepare-{}-{run}", std::process::id())))
