@@ -8,4 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x e2e/.bin/minio ] || e2e/scripts/build-tools.sh minio
-exec cargo bench -p taper-trainer --bench checkpoint_upload
+# The dev profile: the work is in dependencies (candle, sha2, the AWS SDK), which it
+# optimises (opt-level 2), and it reuses the test build instead of a release build.
+exec cargo bench --profile dev -p taper-trainer --bench checkpoint_upload

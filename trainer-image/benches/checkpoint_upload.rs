@@ -5,7 +5,7 @@
 //! how long a training step waits for the snapshot (`Snapshot::take`, here a host copy).
 //!
 //! `scripts/bench/checkpoint_bench.sh` builds MinIO if needed and runs
-//! `cargo bench -p taper-trainer --bench checkpoint_upload`; `TAPER_BENCH_ROUNDS` sets
+//! `cargo bench --profile dev -p taper-trainer --bench checkpoint_upload`; `TAPER_BENCH_ROUNDS` sets
 //! the rounds (default 3) and `TAPER_BENCH_PRESET` the model (default `gpt2-small`).
 
 use std::{collections::BTreeMap, time::Instant};

@@ -243,8 +243,8 @@ impl<'a> Checkpointer<'a> {
     /// Write a checkpoint: the three files, then the manifest, then `latest.json`.
     /// Returns the manifest (whose sha256 identifies the checkpoint) and its folder URI.
     ///
-    /// The files are a pipeline: each is serialised to the staging folder on a blocking
-    /// thread while the one before it is hashed and uploaded, and each file's hash runs
+    /// The files are a pipeline: all are serialised to the staging folder at once, on
+    /// blocking threads, and each is uploaded as soon as it is written, its hash computed
     /// beside its upload, so the store sees bytes for nearly all of the save.
     pub async fn save(
         &self,
@@ -272,59 +272,48 @@ impl<'a> Checkpointer<'a> {
         // describes files that are being replaced.
         self.store.delete(&join(&dir, MANIFEST)).await?;
 
-        let (written_tx, mut written_rx) = tokio::sync::mpsc::channel::<PathBuf>(FILES.len());
-        let write_all = async {
-            for (name, content) in FILES.iter().zip(contents) {
+        // Every file is serialised at once on its own blocking thread; each is hashed and
+        // uploaded, in order, as soon as it is on disk.
+        let writes: Vec<_> = FILES
+            .iter()
+            .zip(contents)
+            .map(|(name, content)| {
                 let path = local.join(name);
                 let target = path.clone();
-                tokio::task::spawn_blocking(move || content.write(&target))
+                (
+                    path,
+                    tokio::task::spawn_blocking(move || content.write(&target)),
+                )
+            })
+            .collect();
+        let joined = |path: &Path| {
+            let path = path.display().to_string();
+            move |e: tokio::task::JoinError| CheckpointError::Io {
+                path,
+                source: std::io::Error::other(e),
+            }
+        };
+        let mut files = Vec::new();
+        for (name, (path, write)) in FILES.iter().zip(writes) {
+            write.await.map_err(joined(&path))??;
+            let hashed = path.clone();
+            let hash = async {
+                tokio::task::spawn_blocking(move || sha256_file(&hashed))
                     .await
-                    .map_err(|e| CheckpointError::Io {
-                        path: path.display().to_string(),
-                        source: std::io::Error::other(e),
-                    })??;
-                if written_tx.send(path).await.is_err() {
-                    break; // the uploader stopped on an error, which it reports
-                }
-            }
-            drop(written_tx);
-            Ok::<(), CheckpointError>(())
-        };
-        let upload_all = async {
-            let mut files = Vec::new();
-            while let Some(path) = written_rx.recv().await {
-                let name = FILES[files.len()];
-                let hashed = path.clone();
-                let hash = async {
-                    tokio::task::spawn_blocking(move || sha256_file(&hashed))
-                        .await
-                        .map_err(|e| CheckpointError::Io {
-                            path: path.display().to_string(),
-                            source: std::io::Error::other(e),
-                        })?
-                };
-                let put = async {
-                    self.store
-                        .put_file(&join(&dir, name), &path)
-                        .await
-                        .map_err(CheckpointError::from)
-                };
-                let ((size, sha256), ()) = tokio::try_join!(hash, put)?;
-                files.push(FileEntry {
-                    name: name.to_string(),
-                    size,
-                    sha256,
-                });
-            }
-            Ok::<Vec<FileEntry>, CheckpointError>(files)
-        };
-        let ((), files) = tokio::try_join!(write_all, upload_all)?;
-        if files.len() != FILES.len() {
-            return Err(CheckpointError::Corrupt(format!(
-                "{dir}: {} of {} files were written",
-                files.len(),
-                FILES.len()
-            )));
+                    .map_err(joined(&path))?
+            };
+            let put = async {
+                self.store
+                    .put_file(&join(&dir, name), &path)
+                    .await
+                    .map_err(CheckpointError::from)
+            };
+            let ((size, sha256), ()) = tokio::try_join!(hash, put)?;
+            files.push(FileEntry {
+                name: name.to_string(),
+                size,
+                sha256,
+            });
         }
 
         let manifest = CheckpointManifest {
