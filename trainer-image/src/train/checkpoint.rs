@@ -89,6 +89,17 @@ pub struct CheckpointManifest {
     pub files: Vec<FileEntry>,
 }
 
+/// A checkpoint just written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saved {
+    /// Its manifest.
+    pub manifest: CheckpointManifest,
+    /// sha256 (lower-case hex) of `manifest.json` as stored: the checkpoint's identity.
+    pub sha256: String,
+    /// The checkpoint's folder URI.
+    pub uri: String,
+}
+
 /// A checkpoint loaded back.
 #[derive(Debug)]
 pub struct Loaded {
@@ -241,7 +252,8 @@ impl<'a> Checkpointer<'a> {
     }
 
     /// Write a checkpoint: the three files, then the manifest, then `latest.json`.
-    /// Returns the manifest (whose sha256 identifies the checkpoint) and its folder URI.
+    /// Returns the manifest, the sha256 of its bytes as stored (which identifies the
+    /// checkpoint: it covers every file's checksum) and the checkpoint's folder URI.
     ///
     /// The files are a pipeline: all are serialised to the staging folder at once, on
     /// blocking threads, and each is uploaded as soon as it is written, its hash computed
@@ -251,7 +263,7 @@ impl<'a> Checkpointer<'a> {
         state: &TrainerState,
         model: &BTreeMap<String, Tensor>,
         optimizer: &BTreeMap<String, Tensor>,
-    ) -> Result<(CheckpointManifest, String), CheckpointError> {
+    ) -> Result<Saved, CheckpointError> {
         let dir = dir_name(state.step);
         let local = self.staging.join(&dir);
         std::fs::create_dir_all(&local).map_err(io_err(&local))?;
@@ -327,13 +339,21 @@ impl<'a> Checkpointer<'a> {
                 what: "manifest.json".into(),
                 source,
             })?;
+        let sha256 = {
+            use sha2::{Digest, Sha256};
+            hex::encode(Sha256::digest(&bytes))
+        };
         self.store.put(&join(&dir, MANIFEST), bytes).await?;
         let latest = serde_json::json!({ "step": state.step, "dir": dir });
         self.store
             .put(LATEST, latest.to_string().into_bytes())
             .await?;
         std::fs::remove_dir_all(&local).map_err(io_err(&local))?;
-        Ok((manifest, join(&self.store.uri(), &dir)))
+        Ok(Saved {
+            manifest,
+            sha256,
+            uri: join(&self.store.uri(), &dir),
+        })
     }
 
     /// Every checkpoint whose manifest exists, oldest first (files not yet verified).

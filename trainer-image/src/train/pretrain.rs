@@ -265,24 +265,18 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     // Write a snapshot to the store and apply retention; runs on the upload thread.
     let upload = |snapshot: Snapshot, stall: f64| -> Result<(), PretrainError> {
         let started = Instant::now();
-        let (manifest, uri) =
+        let saved =
             rt.block_on(ckpt.save(&snapshot.state, &snapshot.model, &snapshot.optimizer))?;
         let deleted = rt.block_on(ckpt.retain(run.keep))?;
         let secs = started.elapsed().as_secs_f64();
         if let Some(m) = run.metrics {
             m.checkpoint_save.observe(secs);
         }
-        let sha = manifest
-            .files
-            .iter()
-            .map(|f| f.sha256.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
         let state = &snapshot.state;
         emit(
-            json!({"event": "checkpoint", "step": state.step, "tokens": state.tokens, "uri": uri,
+            json!({"event": "checkpoint", "step": state.step, "tokens": state.tokens, "uri": saved.uri,
                     "valLoss": state.val_loss, "seconds": secs, "stallSeconds": stall,
-                    "deleted": deleted, "fileSha256": sha}),
+                    "deleted": deleted, "sha256": saved.sha256}),
         );
         Ok(())
     };

@@ -305,3 +305,43 @@ fn training_goes_on_while_a_checkpoint_uploads_and_the_run_waits_for_the_last() 
     let (step, _) = weights(&store, &rt, &tmp.path().join("r"));
     assert_eq!(step, 24);
 }
+
+#[test]
+fn a_checkpoint_is_identified_by_the_sha256_of_its_stored_manifest() {
+    let rt = runtime();
+    let tmp = TempDir::new("manifest-sha");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    byte_dataset(&data);
+    let first = LocalStore::new(tmp.path().join("first"));
+    run_job(&rt, &data, &first, &tmp.path().join("s"), 4, None, 4);
+    let loaded = rt
+        .block_on(Checkpointer::new(&first, tmp.path().join("r")).resume(&Device::Cpu))
+        .expect("resume")
+        .expect("a checkpoint");
+    // Saved again, into a second store, by the code under test.
+    let second = LocalStore::new(tmp.path().join("second"));
+    let saved = rt
+        .block_on(Checkpointer::new(&second, tmp.path().join("w")).save(
+            &loaded.state,
+            &loaded.model,
+            &loaded.optimizer,
+        ))
+        .expect("save");
+    let stored = second.path(&format!("{}/{MANIFEST}", dir_name(4)));
+    let (_, sha) = taper_trainer::store::sha256_file(&stored).expect("hash the stored manifest");
+    assert_eq!(
+        saved.sha256, sha,
+        "the reported sha256 is the stored manifest's"
+    );
+    assert_eq!(saved.manifest.files.len(), 3);
+    assert!(
+        saved
+            .manifest
+            .files
+            .iter()
+            .all(|f| f.sha256 != saved.sha256),
+        "not a file's checksum"
+    );
+    assert!(saved.uri.ends_with(&dir_name(4)), "{}", saved.uri);
+}
