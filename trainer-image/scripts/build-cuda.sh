@@ -75,8 +75,13 @@ for profile_dir in target/cuda/release target/debug; do
   fi
 done
 case "$mode" in
-  check) cargo check -p taper-trainer --features cuda ;;
+  check) cargo check -p taper-trainer --features cuda
+         profile_dir=target/debug ;;
   build) cargo build --release -p taper-trainer --features cuda --target-dir target/cuda
+         profile_dir=target/cuda/release
          echo "built $root/target/cuda/release/taper (compute capability $CUDA_COMPUTE_CAP)" ;;
   *) echo "usage: $0 [build|check]" >&2; exit 2 ;;
 esac
+# Record the wheels the kernels were just built with: without this, a first build into an
+# empty folder left no record, and the next run cleaned and rebuilt the kernels (17 min).
+echo "${wheels[*]}" >"$profile_dir/.taper-cuda-wheels"

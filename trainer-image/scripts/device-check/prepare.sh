@@ -20,7 +20,9 @@ cuda_bin=target/cuda/release/taper
 if [ ! -x "$cuda_bin" ] || [ -n "$(find trainer-image/src crds/src -newer "$cuda_bin" -name '*.rs' | head -1)" ]; then
   trainer-image/scripts/build-cuda.sh build
 fi
-cargo build -p taper-trainer   # a CPU build, to tokenize here
+# A CPU build, to tokenize here: built as the test suite builds it (a plain `cargo build`
+# resolves other features and recompiles much of the dependency tree).
+cargo test -p taper-trainer --no-run
 
 rm -rf "$out" && mkdir -p "$out/data"
 cp "$cuda_bin" "$out/taper" && strip "$out/taper"
