@@ -71,6 +71,73 @@ impl TaperObject {
             Self::FinetuneJob(_) => "FinetuneJob",
         }
     }
+
+    /// The Dataset, if this is one.
+    pub fn as_dataset(&self) -> Option<&Dataset> {
+        match self {
+            Self::Dataset(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The PretrainJob, if this is one.
+    pub fn as_pretrain_job(&self) -> Option<&PretrainJob> {
+        match self {
+            Self::PretrainJob(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The FinetuneJob, if this is one.
+    pub fn as_finetune_job(&self) -> Option<&FinetuneJob> {
+        match self {
+            Self::FinetuneJob(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// Why [`find_one`] found no single object.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// No object of the kind (with the name, when one was given).
+    #[error("the file holds no {kind}{}", .name.as_ref().map(|n| format!(" named {n}")).unwrap_or_default())]
+    Missing {
+        /// The kind looked for.
+        kind: String,
+        /// The name looked for.
+        name: Option<String>,
+    },
+    /// Several objects of the kind and no name to choose between them.
+    #[error("the file holds several {kind}s; choose one with --name")]
+    Several {
+        /// The kind looked for.
+        kind: String,
+    },
+}
+
+/// The one object of `objects` that `pick` accepts (e.g. [`TaperObject::as_dataset`]),
+/// named `name` when a name is given: the lookup every command that reads a manifest
+/// file makes.
+pub fn find_one<'a, T: kube::Resource<DynamicType = ()>>(
+    objects: &'a [TaperObject],
+    pick: impl Fn(&'a TaperObject) -> Option<&'a T>,
+    name: Option<&str>,
+) -> Result<&'a T, LookupError> {
+    let found: Vec<&T> = objects
+        .iter()
+        .filter_map(pick)
+        .filter(|o| name.is_none_or(|n| o.meta().name.as_deref() == Some(n)))
+        .collect();
+    let kind = || T::kind(&()).to_string();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(LookupError::Missing {
+            kind: kind(),
+            name: name.map(str::to_string),
+        }),
+        _ => Err(LookupError::Several { kind: kind() }),
+    }
 }
 
 #[derive(Deserialize)]
@@ -147,5 +214,47 @@ mod tests {
                     spec:\n  datasetRef: {name: d}\n  model: {preset: gpt2-small}\n  training: {maxSteps: many}\n";
         let err = parse_manifests(text).expect_err("maxSteps is a number");
         assert!(err.to_string().contains("spec.training.maxSteps"), "{err}");
+    }
+
+    #[test]
+    fn find_one_picks_by_kind_and_name_and_says_why_it_cannot() {
+        let doc = |kind: &str, name: &str| {
+            format!(
+                "apiVersion: taper.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n{}",
+                if kind == "Dataset" {
+                    "  format: pretraining\n  sources: [{name: s, uri: 'file:///x', format: text}]\n"
+                } else {
+                    "  datasetRef: {name: a}\n  model: {preset: tiny}\n"
+                }
+            )
+        };
+        let text = [
+            doc("Dataset", "a"),
+            doc("Dataset", "b"),
+            doc("PretrainJob", "p"),
+        ]
+        .join("---\n");
+        let objects = parse_manifests(&text).expect("parse");
+        let pj = find_one(&objects, TaperObject::as_pretrain_job, None).expect("one PretrainJob");
+        assert_eq!(pj.metadata.name.as_deref(), Some("p"));
+        let b = find_one(&objects, TaperObject::as_dataset, Some("b")).expect("Dataset b");
+        assert_eq!(b.metadata.name.as_deref(), Some("b"));
+        assert_eq!(
+            find_one(&objects, TaperObject::as_dataset, None),
+            Err(LookupError::Several {
+                kind: "Dataset".into()
+            })
+        );
+        let missing = find_one(&objects, TaperObject::as_dataset, Some("c")).expect_err("no c");
+        assert_eq!(missing.to_string(), "the file holds no Dataset named c");
+        let none = find_one(&objects, TaperObject::as_finetune_job, None).expect_err("none");
+        assert_eq!(none.to_string(), "the file holds no FinetuneJob");
+        assert_eq!(
+            LookupError::Several {
+                kind: "Dataset".into()
+            }
+            .to_string(),
+            "the file holds several Datasets; choose one with --name"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use candle_core::Device;
-use taper_crds::{TaperObject, exit, store::StoreAccess};
+use taper_crds::{TaperObject, exit, manifest::find_one, store::StoreAccess};
 
 use crate::{
     metrics::Metrics,
@@ -180,40 +180,15 @@ pub fn pretrain(
     objects: &[TaperObject],
     opts: PretrainOptions,
 ) -> Result<Outcome, JobError> {
-    let jobs: Vec<_> = objects
-        .iter()
-        .filter_map(|o| match o {
-            TaperObject::PretrainJob(pj) => Some(pj.as_ref()),
-            _ => None,
-        })
-        .filter(|pj| {
-            opts.name
-                .as_deref()
-                .is_none_or(|n| pj.metadata.name.as_deref() == Some(n))
-        })
-        .collect();
-    let job = match jobs.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(JobError::Spec(
-                "the file holds no (matching) PretrainJob".into(),
-            ));
-        }
-        _ => {
-            return Err(JobError::Spec(
-                "the file holds several PretrainJobs; choose one with --name".into(),
-            ));
-        }
-    };
+    let job = find_one(objects, TaperObject::as_pretrain_job, opts.name.as_deref())
+        .map_err(|e| JobError::Spec(e.to_string()))?;
     let name = job.metadata.name.clone().unwrap_or_default();
-    let dataset = objects.iter().find_map(|o| match o {
-        TaperObject::Dataset(ds)
-            if ds.metadata.name.as_deref() == Some(job.spec.dataset_ref.name.as_str()) =>
-        {
-            Some(ds)
-        }
-        _ => None,
-    });
+    let dataset = find_one(
+        objects,
+        TaperObject::as_dataset,
+        Some(&job.spec.dataset_ref.name),
+    )
+    .ok();
     let (data_uri, data_access) = match (&opts.data, dataset.and_then(|d| d.spec.output.as_ref())) {
         (Some(uri), _) => (uri.clone(), None),
         (None, Some(out)) => (out.uri.clone(), out.access.clone()),

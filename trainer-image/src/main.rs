@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use taper_crds::{TaperObject, exit, parse_manifests, pod};
+use taper_crds::{TaperObject, exit, manifest::find_one, parse_manifests, pod};
 use taper_trainer::{
     generate::{self, SampleOptions},
     job::{self, JobError},
@@ -252,24 +252,8 @@ fn pick_dataset<'a>(
     objects: &'a [TaperObject],
     name: Option<&str>,
 ) -> Result<&'a taper_crds::Dataset, CliError> {
-    let found: Vec<_> = objects
-        .iter()
-        .filter_map(|o| match o {
-            TaperObject::Dataset(d)
-                if name.is_none_or(|n| d.metadata.name.as_deref() == Some(n)) =>
-            {
-                Some(d.as_ref())
-            }
-            _ => None,
-        })
-        .collect();
-    match found.as_slice() {
-        [one] => Ok(one),
-        [] => Err(JobError::Spec("no (matching) Dataset in the file".into()).into()),
-        _ => Err(
-            JobError::Spec("several Datasets in the file; choose one with --name".into()).into(),
-        ),
-    }
+    find_one(objects, TaperObject::as_dataset, name)
+        .map_err(|e| JobError::Spec(e.to_string()).into())
 }
 
 /// The quickstart: the embedded pipeline's pretraining half, on this machine's CPU.
@@ -280,13 +264,8 @@ fn quickstart(work_dir: PathBuf, stop_after: Option<u64>) -> Result<u8, CliError
         println!("  {}", describe(object));
     }
     let rt = runtime()?;
-    let pj = objects
-        .iter()
-        .find_map(|o| match o {
-            TaperObject::PretrainJob(pj) => Some(pj.as_ref()),
-            _ => None,
-        })
-        .ok_or_else(|| JobError::Spec("the quickstart has no PretrainJob".into()))?;
+    let pj = find_one(&objects, TaperObject::as_pretrain_job, None)
+        .map_err(|e| JobError::Spec(format!("the quickstart: {e}")))?;
     let ds = pick_dataset(&objects, Some(&pj.spec.dataset_ref.name))?;
     let out = ds
         .spec
