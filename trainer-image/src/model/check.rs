@@ -45,8 +45,8 @@ impl KernelCheck {
     }
 }
 
-/// Value and input gradient of `Σ f(x) ⊙ w`.
-fn value_and_grad(
+/// Value and input gradient of `Σ f(x) ⊙ w` (a random `w` makes every output matter).
+pub(crate) fn value_and_grad(
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
     x: &Tensor,
     w: &Tensor,
@@ -96,7 +96,6 @@ fn uniform(shape: &[usize], lo: f64, hi: f64, rng: &mut ChaCha8Rng) -> Result<Te
 }
 
 /// Compare one fused op with its composed reference on `device`.
-#[allow(clippy::too_many_arguments)]
 fn compare(
     op: &'static str,
     device: &Device,
@@ -166,16 +165,16 @@ pub fn check_fused_ops(
         .map(|_| if rng.random_bool(0.7) { 1.0 } else { 0.0 })
         .collect();
     let one = Tensor::new(1.0f64, &Device::Cpu)?;
+    // Targets and mask live on the device of the logits they meet.
+    let on = |dev: &Device| -> Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::new(targets.as_slice(), dev)?,
+            Tensor::new(mask.as_slice(), dev)?,
+        ))
+    };
+    let (t_cpu, m_cpu) = on(&Device::Cpu)?;
+    let (t_dev, m_dev) = on(device)?;
     for masked in [false, true] {
-        // Targets and mask live on the device of the logits they meet.
-        let on = |dev: &Device| -> Result<(Tensor, Tensor)> {
-            Ok((
-                Tensor::new(targets.as_slice(), dev)?,
-                Tensor::new(mask.as_slice(), dev)?,
-            ))
-        };
-        let (t_cpu, m_cpu) = on(&Device::Cpu)?;
-        let (t_dev, m_dev) = on(device)?;
         let pick = |x: &Tensor| -> (Tensor, Option<Tensor>) {
             let (t, m) = if x.device().is_cpu() {
                 (&t_cpu, &m_cpu)

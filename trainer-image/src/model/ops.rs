@@ -214,6 +214,7 @@ pub fn conv1d_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::check::value_and_grad;
     use candle_core::Device;
 
     #[test]
@@ -251,30 +252,13 @@ mod tests {
         d.to_dtype(DType::F64)?.to_scalar::<f64>()
     }
 
-    /// Value and gradient of `f(x)·w` (a random projection makes every output matter).
-    fn value_and_grad(
-        f: impl Fn(&Tensor) -> Result<Tensor>,
-        x: &Tensor,
-        w: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let var = candle_core::Var::from_tensor(x)?;
-        let y = f(var.as_tensor())?;
-        let loss = y.broadcast_mul(w)?.sum_all()?;
-        let grads = loss.backward()?;
-        let g = grads
-            .get(var.as_tensor())
-            .expect("input has a gradient")
-            .clone();
-        Ok((y.detach(), g))
-    }
-
     #[test]
     fn fused_softmax_matches_the_composed_one_in_value_and_gradient() -> Result<()> {
         for masked in [false, true] {
             let x = random(24, 24, 1, masked)?;
             let w = random(24, 24, 2, false)?;
-            let (y1, g1) = value_and_grad(softmax_last_dim, &x, &w)?;
-            let (y2, g2) = value_and_grad(softmax_last_dim_composed, &x, &w)?;
+            let (y1, g1) = value_and_grad(&softmax_last_dim, &x, &w)?;
+            let (y2, g2) = value_and_grad(&softmax_last_dim_composed, &x, &w)?;
             assert!(
                 max_abs_diff(&y1, &y2)? < 1e-14,
                 "values differ (masked: {masked})"
@@ -304,9 +288,9 @@ mod tests {
         )?;
         let one = Tensor::new(1.0f64, &dev)?;
         for m in [None, Some(&mask)] {
-            let (l1, g1) = value_and_grad(|x| cross_entropy(x, &targets, m), &logits, &one)?;
+            let (l1, g1) = value_and_grad(&|x| cross_entropy(x, &targets, m), &logits, &one)?;
             let (l2, g2) =
-                value_and_grad(|x| cross_entropy_composed(x, &targets, m), &logits, &one)?;
+                value_and_grad(&|x| cross_entropy_composed(x, &targets, m), &logits, &one)?;
             let (l1, l2) = (l1.to_scalar::<f64>()?, l2.to_scalar::<f64>()?);
             assert!((l1 - l2).abs() < 1e-13 * l2.abs(), "loss {l1} vs {l2}");
             let scale = g2.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -315,7 +299,7 @@ mod tests {
             assert!(d < 1e-14, "gradients differ by {d} (mask: {})", m.is_some());
         }
         // Masked rows get no gradient at all.
-        let (_, g) = value_and_grad(|x| cross_entropy(x, &targets, Some(&mask)), &logits, &one)?;
+        let (_, g) = value_and_grad(&|x| cross_entropy(x, &targets, Some(&mask)), &logits, &one)?;
         let row0 = g.get(0)?.abs()?.sum_all()?.to_scalar::<f64>()?;
         assert_eq!(row0, 0.0);
         Ok(())

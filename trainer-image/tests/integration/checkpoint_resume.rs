@@ -2,7 +2,7 @@
 //! same run: killed part way and restarted, it ends with the weights an uninterrupted run
 //! reaches.
 
-use crate::common::{TempDir, byte_dataset, quick_training, runtime, tiny_run};
+use crate::common::{TempDir, byte_dataset_dir, quick_training, runtime, tiny_run};
 use candle_core::Device;
 use taper_crds::training::Overfitting;
 use taper_trainer::{
@@ -71,9 +71,7 @@ fn weights(
 fn an_interrupted_run_resumes_to_the_same_weights() {
     let rt = runtime();
     let tmp = TempDir::new("resume");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
 
     let straight = LocalStore::new(tmp.path().join("straight"));
     let outcome = run_job(&rt, &data, &straight, &tmp.path().join("s1"), 12, None, 4);
@@ -102,9 +100,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
 fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_the_best() {
     let rt = runtime();
     let tmp = TempDir::new("fallback");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let store = LocalStore::new(tmp.path().join("ckpt"));
     run_job(&rt, &data, &store, &tmp.path().join("s"), 12, None, 2);
     let ck = Checkpointer::new(&store, tmp.path().join("r"));
@@ -183,9 +179,7 @@ fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_t
 fn a_diverging_loss_is_detected_and_not_trained_through() {
     let rt = runtime();
     let tmp = TempDir::new("diverge");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let (manifest, train, test) = open_dataset(&data).expect("dataset");
     let store = LocalStore::new(tmp.path().join("ckpt"));
     let mut training = quick_training(50);
@@ -271,9 +265,7 @@ impl ObjectStore for SlowStore {
 fn training_goes_on_while_a_checkpoint_uploads_and_the_run_waits_for_the_last() {
     let rt = runtime();
     let tmp = TempDir::new("background");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let (manifest, train, test) = open_dataset(&data).expect("dataset");
     let metrics = Metrics::new("PretrainJob", "test", "background").expect("metrics");
     let store = SlowStore {
@@ -310,9 +302,7 @@ fn training_goes_on_while_a_checkpoint_uploads_and_the_run_waits_for_the_last() 
 fn a_checkpoint_is_identified_by_the_sha256_of_its_stored_manifest() {
     let rt = runtime();
     let tmp = TempDir::new("manifest-sha");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let first = LocalStore::new(tmp.path().join("first"));
     run_job(&rt, &data, &first, &tmp.path().join("s"), 4, None, 4);
     let loaded = rt

@@ -104,9 +104,7 @@ fn sigterm_checkpoints_and_exits_retryable_then_the_run_resumes() {
     use std::io::{BufRead, BufReader, Read, Write};
 
     let tmp = common::TempDir::new("sigterm");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    common::byte_dataset(&data);
+    let data = common::byte_dataset_dir(&tmp);
     let job = tmp.path().join("job.yaml");
     std::fs::write(
         &job,

@@ -87,6 +87,14 @@ pub fn byte_dataset(dir: &Path) -> DatasetManifest {
     manifest
 }
 
+/// A `data/` folder in `tmp` holding a [`byte_dataset`].
+pub fn byte_dataset_dir(tmp: &TempDir) -> PathBuf {
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    byte_dataset(&dir);
+    dir
+}
+
 pub fn tiny_model() -> GptConfig {
     GptConfig {
         n_layer: 1,

@@ -18,7 +18,9 @@ use taper_trainer::{
     },
 };
 
-use crate::common::{TempDir, byte_dataset, quick_training, runtime, tiny_model, tiny_run};
+use crate::common::{
+    TempDir, byte_dataset, byte_dataset_dir, quick_training, runtime, tiny_model, tiny_run,
+};
 
 fn batch(dev: &Device) -> (Tensor, Tensor) {
     let ids: Vec<u32> = (0..4 * 32).map(|i| (i * 7 + 3) % 256).collect();
@@ -149,9 +151,7 @@ fn a_bf16_run_tracks_the_f32_run_over_200_steps_and_keeps_f32_state() {
 fn a_bf16_run_checkpoints_f32_and_resumes_bit_identically() {
     let rt = runtime();
     let tmp = TempDir::new("bf16-resume");
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let (manifest, train, test) = open_dataset(&data).expect("dataset");
     let run = |store: &LocalStore, staging: &str, stop_after: Option<u64>| {
         let mut r: PretrainRun<'_> = tiny_run(

@@ -2,7 +2,7 @@
 //! put/get/list/delete, multipart uploads in parallel parts, checkpoints and resume,
 //! `taper prepare` sources, and an outage reported as a retryable error.
 
-use crate::common::{TempDir, byte_dataset, tiny_run};
+use crate::common::{TempDir, byte_dataset_dir, tiny_run};
 use candle_core::Device;
 use taper_crds::exit;
 use taper_e2e::minio::Minio;
@@ -118,9 +118,7 @@ fn s3_store_against_minio() {
     });
 
     // Pretraining with checkpoints in S3, interrupted and resumed.
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    byte_dataset(&data);
+    let data = byte_dataset_dir(&tmp);
     let (manifest, train, test) = open_dataset(&data).expect("dataset");
     let store = rt.block_on(bucket(&minio, "checkpoints", "ns/pj/run", settings(&minio)));
     let run = |stop_after: Option<u64>, staging: &str| {
