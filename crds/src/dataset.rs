@@ -574,9 +574,12 @@ pub struct DuplicateCounts {
     /// Near-duplicates removed by MinHash LSH.
     #[serde(default)]
     pub minhash: i64,
-    /// Bytes removed by exact-substring deduplication.
+    /// Documents left empty by exact-substring deduplication (made only of repeated spans).
     #[serde(default)]
-    pub substring_bytes: i64,
+    pub substring: i64,
+    /// Tokens removed by exact-substring deduplication.
+    #[serde(default)]
+    pub substring_tokens: i64,
     /// Test documents removed for sharing an n-gram with the train split.
     #[serde(default)]
     pub decontaminated: i64,

@@ -31,6 +31,46 @@ pub const KILLED_BY_SIGTERM: i32 = 143;
 /// A container killed by SIGKILL, as Kubernetes reports it (128 + 9): OOM or grace period.
 pub const KILLED_BY_SIGKILL: i32 = 137;
 
+/// The kind of a trainer failure: decides its exit code, and is the bounded label of
+/// error metrics and log fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// The spec is invalid (exit 2).
+    InvalidSpec,
+    /// The input data is unusable (exit 3).
+    InvalidData,
+    /// The loss diverged (exit 4).
+    LossDiverged,
+    /// A transient failure of the store or the network (exit 75).
+    Retryable,
+    /// Anything else (exit 1).
+    Internal,
+}
+
+impl Category {
+    /// The process exit code of a failure of this kind.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::InvalidSpec => INVALID_SPEC,
+            Self::InvalidData => INVALID_DATA,
+            Self::LossDiverged => LOSS_DIVERGED,
+            Self::Retryable => RETRYABLE,
+            Self::Internal => INTERNAL,
+        }
+    }
+
+    /// The category as a metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::InvalidSpec => "invalid_spec",
+            Self::InvalidData => "invalid_data",
+            Self::LossDiverged => "loss_diverged",
+            Self::Retryable => "retryable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 /// What the operator does about a trainer container that ended with an exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -62,6 +102,21 @@ pub fn classify(code: i32) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_category_exits_with_a_code_the_operator_classifies_as_documented() {
+        let expected = [
+            (Category::InvalidSpec, 2, Action::FailPermanently),
+            (Category::InvalidData, 3, Action::FailPermanently),
+            (Category::LossDiverged, 4, Action::FailPermanently),
+            (Category::Retryable, 75, Action::RetryNotCounted),
+            (Category::Internal, 1, Action::RetryCounted),
+        ];
+        for (category, code, action) in expected {
+            assert_eq!(category.exit_code(), code, "{category:?}");
+            assert_eq!(classify(i32::from(code)), action, "{category:?}");
+        }
+    }
 
     #[test]
     fn every_code_of_the_table_gets_its_response() {

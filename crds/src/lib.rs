@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod model;
 pub mod pod;
 pub mod pretrain;
+pub mod report;
 pub mod resources;
 pub mod store;
 pub mod training;

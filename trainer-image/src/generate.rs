@@ -12,6 +12,7 @@ use crate::{
         params::ParamStore,
     },
     store,
+    tokenizer::Tokenizer,
     train::checkpoint::Checkpointer,
 };
 
@@ -28,65 +29,27 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
-/// A tokenizer named in a checkpoint.
-pub enum Tokenizer {
-    /// GPT-2 BPE (tiktoken `r50k_base`).
-    Gpt2(Box<tiktoken_rs::CoreBPE>),
-    /// One token per byte (tests and toy corpora).
-    Bytes,
-}
-
-impl std::fmt::Debug for Tokenizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Gpt2(_) => "Tokenizer::Gpt2",
-            Self::Bytes => "Tokenizer::Bytes",
-        })
-    }
-}
-
-impl Tokenizer {
-    /// The tokenizer called `name`.
-    pub fn named(name: &str) -> Result<Self, JobError> {
-        match name {
-            "gpt2" | "r50k_base" => Ok(Self::Gpt2(Box::new(
-                tiktoken_rs::r50k_base()
-                    .map_err(|e| JobError::Internal(format!("GPT-2 tokenizer: {e}")))?,
-            ))),
-            "bytes" => Ok(Self::Bytes),
-            other => Err(JobError::Spec(format!(
-                "taper generate does not support the tokenizer {other:?} yet"
-            ))),
-        }
-    }
-
-    /// Token ids of `text`.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        match self {
-            Self::Gpt2(bpe) => bpe.encode_with_special_tokens(text),
-            Self::Bytes => text.bytes().map(u32::from).collect(),
-        }
-    }
-
-    /// Text of `ids` (invalid UTF-8 replaced).
-    pub fn decode(&self, ids: &[u32]) -> String {
-        match self {
-            Self::Gpt2(bpe) => bpe
-                .decode_bytes(ids)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default(),
-            Self::Bytes => {
-                String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>())
-                    .into_owned()
-            }
-        }
+/// `prompt` followed by the text of `out`, the ids sampled after `prompt_ids`. The
+/// continuation is decoded together with the prompt, so that tokenizers whose decoder
+/// joins tokens (with spaces, say) put the seam where it belongs.
+pub fn continuation(tok: &Tokenizer, prompt: &str, prompt_ids: &[u32], out: &[u32]) -> String {
+    let head = tok.decode(prompt_ids);
+    let all: Vec<u32> = prompt_ids.iter().chain(out).copied().collect();
+    let full = tok.decode(&all);
+    match full.strip_prefix(head.as_str()) {
+        Some(rest) => format!("{prompt}{rest}"),
+        None => format!("{prompt}{}", tok.decode(out)),
     }
 }
 
 /// Continue `prompt` by `opts.max_tokens` tokens.
+///
+/// Only ids below `vocab` are sampled: a model's vocabulary is padded (GPT-2's 50,257 to
+/// 50,304), and the padding ids are no token of the tokenizer.
 pub fn sample(
     model: &Gpt,
     prompt: &[u32],
+    vocab: usize,
     opts: &SampleOptions,
     device: &Device,
 ) -> Result<Vec<u32>, ModelError> {
@@ -99,8 +62,12 @@ pub fn sample(
         let logits = model.forward(&x, &mut ForwardCtx::default())?;
         let last = logits.squeeze(0)?.narrow(0, ctx.len() - 1, 1)?.squeeze(0)?;
         let last = (last.to_dtype(candle_core::DType::F32)? / opts.temperature.max(1e-6))?;
-        let mut scores: Vec<(usize, f32)> =
-            last.to_vec1::<f32>()?.into_iter().enumerate().collect();
+        let mut scores: Vec<(usize, f32)> = last
+            .to_vec1::<f32>()?
+            .into_iter()
+            .enumerate()
+            .take(vocab.max(1))
+            .collect();
         if opts.top_k > 0 && opts.top_k < scores.len() {
             scores.select_nth_unstable_by(opts.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             scores.truncate(opts.top_k);
@@ -131,7 +98,7 @@ pub fn from_checkpoint(
 ) -> Result<String, JobError> {
     let store = rt.block_on(store::open(uri, None))?;
     let staging = std::env::temp_dir().join(format!("taper-generate-{}", std::process::id()));
-    let device = crate::job::default_device();
+    let device = crate::device::default_device();
     let loaded = rt
         .block_on(Checkpointer::new(store.as_ref(), &staging).resume(&device))
         .map_err(|e| JobError::Data(e.to_string()))?
@@ -146,11 +113,12 @@ pub fn from_checkpoint(
     let model = Gpt::new(cfg, &params)
         .map_err(|e| JobError::Internal(e.to_string()))?
         .detached();
-    let tok = Tokenizer::named(&loaded.state.tokenizer)?;
-    let mut ids = tok.encode(prompt);
+    let tok = Tokenizer::load(rt, &loaded.state.tokenizer, None)?;
+    let mut ids = tok.encode_prompt(prompt)?;
     if ids.is_empty() {
         ids.push(0);
     }
-    let out = sample(&model, &ids, opts, &device).map_err(|e| JobError::Internal(e.to_string()))?;
-    Ok(format!("{prompt}{}", tok.decode(&out)))
+    let out = sample(&model, &ids, tok.vocab_size() as usize, opts, &device)
+        .map_err(|e| JobError::Internal(e.to_string()))?;
+    Ok(continuation(&tok, prompt, &ids, &out))
 }

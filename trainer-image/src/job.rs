@@ -1,22 +1,24 @@
 //! From a job file to a run: pick the job, find its dataset and checkpoint store, fetch
-//! the data, and map failures to the documented exit codes.
+//! the data (see [`crate::dataset`]), and classify failures into the documented exit
+//! codes ([`JobError::category`]).
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
 };
 
-use candle_core::Device;
-use taper_crds::{TaperObject, exit, manifest::find_one, store::StoreAccess};
+use taper_crds::{TaperObject, exit::Category, manifest::find_one};
 
 use crate::{
     metrics::Metrics,
     model::ModelError,
-    store::{self, ObjectStore, StoreError},
+    prepare::PrepareError,
+    store::{self, StoreError},
+    tokenizer::TokenizerError,
     train::{
         checkpoint::CheckpointError,
-        data::{DataError, DatasetManifest, open_dataset},
+        data::{DataError, open_dataset},
         pretrain::{self, Outcome, PretrainError, PretrainRun},
         trainer::StepError,
     },
@@ -37,41 +39,50 @@ pub enum JobError {
     /// Training failed.
     #[error(transparent)]
     Pretrain(#[from] PretrainError),
+    /// Preparing a dataset failed.
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    /// A tokenizer could not be loaded or used.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The job file could not be read or is invalid.
+    #[error(transparent)]
+    Manifest(#[from] crate::manifests::ManifestFileError),
     /// Anything else.
     #[error("internal: {0}")]
     Internal(String),
 }
 
-fn store_exit(e: &StoreError) -> u8 {
-    match e {
-        StoreError::BadUri(_) => exit::INVALID_SPEC,
-        StoreError::NotFound(_) => exit::INVALID_DATA,
-        _ => exit::RETRYABLE,
-    }
-}
-
 impl JobError {
-    /// The process exit code for this error (see [`taper_crds::exit`]).
-    pub fn exit_code(&self) -> u8 {
+    /// The kind of failure: decides the exit code, bounded for metric labels.
+    pub fn category(&self) -> Category {
         match self {
-            Self::Spec(_) => exit::INVALID_SPEC,
-            Self::Data(_) => exit::INVALID_DATA,
-            Self::Store(e) => store_exit(e),
-            Self::Internal(_) => exit::INTERNAL,
+            Self::Spec(_) => Category::InvalidSpec,
+            Self::Data(_) => Category::InvalidData,
+            Self::Store(e) => e.category(),
+            Self::Internal(_) => Category::Internal,
+            Self::Prepare(e) => e.category(),
+            Self::Tokenizer(e) => e.category(),
+            Self::Manifest(_) => Category::InvalidSpec,
             Self::Pretrain(e) => match e {
-                PretrainError::Diverged(..) => exit::LOSS_DIVERGED,
-                PretrainError::Mismatch(..) => exit::INVALID_SPEC,
+                PretrainError::Diverged(..) => Category::LossDiverged,
+                PretrainError::Mismatch(..) => Category::InvalidSpec,
                 PretrainError::Data(_) | PretrainError::Step(StepError::Data(_)) => {
-                    exit::INVALID_DATA
+                    Category::InvalidData
                 }
                 PretrainError::Model(ModelError::Config(_))
                 | PretrainError::Step(StepError::Model(ModelError::Config(_))) => {
-                    exit::INVALID_SPEC
+                    Category::InvalidSpec
                 }
-                PretrainError::Checkpoint(CheckpointError::Store(s)) => store_exit(s),
-                _ => exit::INTERNAL,
+                PretrainError::Checkpoint(CheckpointError::Store(s)) => s.category(),
+                _ => Category::Internal,
             },
         }
+    }
+
+    /// The process exit code for this error (see [`taper_crds::exit`]).
+    pub fn exit_code(&self) -> u8 {
+        self.category().exit_code()
     }
 }
 
@@ -98,80 +109,6 @@ pub struct PretrainOptions {
     pub device: Option<String>,
     /// Set on SIGTERM.
     pub stop: Arc<AtomicBool>,
-}
-
-/// The device to train on: the first GPU when built with CUDA and one is present.
-pub fn default_device() -> Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
-        return d;
-    }
-    Device::Cpu
-}
-
-/// The device named by `spec` (`cpu`, `cuda`, `cuda:N`), or [`default_device`] for `None`.
-/// Naming a GPU that this build or machine does not have is an error, never a silent
-/// fallback to the CPU.
-pub fn select_device(spec: Option<&str>) -> Result<Device, JobError> {
-    let Some(spec) = spec.map(str::trim).filter(|s| !s.is_empty()) else {
-        return Ok(default_device());
-    };
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                JobError::Spec(format!("device {spec:?}: expected cpu, cuda or cuda:N"))
-            })?,
-        None => {
-            return Err(JobError::Spec(format!(
-                "device {spec:?}: expected cpu, cuda or cuda:N"
-            )));
-        }
-    };
-    Device::new_cuda(ordinal)
-        .map_err(|e| JobError::Spec(format!("device {spec:?} is not available: {e}")))
-}
-
-/// Make the dataset at `uri` available locally: a `file://` folder is used in place; an
-/// object-store prefix is downloaded (once, verified against the manifest's sha256).
-pub fn local_dataset(
-    rt: &tokio::runtime::Runtime,
-    uri: &str,
-    access: Option<&StoreAccess>,
-    cache: &Path,
-) -> Result<PathBuf, JobError> {
-    if let Some(path) = uri.strip_prefix("file://") {
-        return Ok(PathBuf::from(path));
-    }
-    let store: Arc<dyn ObjectStore> = rt.block_on(store::open(uri, access))?;
-    let manifest_bytes = rt.block_on(store.get("manifest.json"))?;
-    let manifest: DatasetManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| JobError::Data(format!("{uri}/manifest.json: {e}")))?;
-    let dir = cache.join("datasets").join(&manifest.digest);
-    for shard in manifest.train.iter().chain(&manifest.test) {
-        let path = dir.join(&shard.file);
-        if crate::train::data::verify_sha256(&path, &shard.sha256).unwrap_or(false) {
-            continue;
-        }
-        rt.block_on(store.get_file(&shard.file, &path))?;
-        if !crate::train::data::verify_sha256(&path, &shard.sha256)
-            .map_err(|e| JobError::Data(e.to_string()))?
-        {
-            return Err(JobError::Data(format!(
-                "{uri}/{}: sha256 does not match the manifest",
-                shard.file
-            )));
-        }
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| JobError::Data(format!("{}: {e}", dir.display())))?;
-    std::fs::write(dir.join("manifest.json"), &manifest_bytes)
-        .map_err(|e| JobError::Data(format!("{}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 /// Run the PretrainJob of `objects` (the job file's contents).
@@ -207,7 +144,8 @@ pub fn pretrain(
             JobError::Spec("spec.checkpoints.uri is unset; pass --checkpoints".into())
         })?;
 
-    let data_dir = local_dataset(rt, &data_uri, data_access.as_ref(), &opts.work_dir)?;
+    let data_dir =
+        crate::dataset::local_dataset(rt, &data_uri, data_access.as_ref(), &opts.work_dir)?;
     let (manifest, train, test) = open_dataset(&data_dir).map_err(|e| match e {
         DataError::Io { .. } | DataError::Manifest { .. } | DataError::Invalid(_) => {
             JobError::Data(e.to_string())
@@ -221,7 +159,7 @@ pub fn pretrain(
             model.vocab_size, manifest.vocab_size
         )));
     }
-    let device = select_device(opts.device.as_deref())?;
+    let device = crate::device::select_device(opts.device.as_deref())?;
     let mut training = job.spec.resolved_training();
     // Unset, the precision is bf16 on a GPU and f32 on a CPU (where bf16 is emulated).
     if device.is_cpu() && job.spec.training.precision.is_none() {

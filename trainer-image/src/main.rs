@@ -1,4 +1,5 @@
-//! `taper`: the trainer binary that every Taper pod runs, and the local quickstart.
+//! `taper`: the trainer binary that every Taper pod runs, and the local quickstart. This
+//! file is the command line and the dispatch; each command's work lives in the library.
 
 use std::{
     net::SocketAddr,
@@ -8,15 +9,14 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use taper_crds::{TaperObject, exit, manifest::find_one, parse_manifests, pod};
+use taper_crds::{TaperObject, exit, manifest::find_one, pod};
 use taper_trainer::{
+    device,
     generate::{self, SampleOptions},
     job::{self, JobError},
-    model, prepare,
+    manifests, model, prepare, quickstart,
+    train::pretrain::Outcome,
 };
-
-/// The quickstart pipeline, embedded so that `taper quickstart` needs no file.
-const QUICKSTART: &str = include_str!("../../examples/quickstart/pipeline.yaml");
 
 /// Taper's trainer: prepares datasets, pretrains and finetunes GPTs.
 ///
@@ -136,226 +136,48 @@ struct PretrainArgs {
     device: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum CliError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{origin}: {source}")]
-    Manifest {
-        origin: String,
-        source: taper_crds::ManifestError,
-    },
-    #[error("{origin}: no Dataset, PretrainJob or FinetuneJob in it")]
-    Empty { origin: String },
-    #[error("{origin}: {kind} {name} is invalid: {errors}")]
-    Invalid {
-        origin: String,
-        kind: &'static str,
-        name: String,
-        errors: kube::core::cel::ValidationErrors,
-    },
-    #[error(transparent)]
-    Job(#[from] JobError),
-}
-
-impl CliError {
-    fn exit_code(&self) -> u8 {
-        match self {
-            Self::Job(e) => e.exit_code(),
-            _ => exit::INVALID_SPEC,
-        }
-    }
-}
-
-fn load(origin: &str, text: &str) -> Result<Vec<TaperObject>, CliError> {
-    let objects = parse_manifests(text).map_err(|source| CliError::Manifest {
-        origin: origin.to_string(),
-        source,
-    })?;
-    if objects.is_empty() {
-        return Err(CliError::Empty {
-            origin: origin.to_string(),
-        });
-    }
-    for object in &objects {
-        taper_crds::validate(object).map_err(|errors| CliError::Invalid {
-            origin: origin.to_string(),
-            kind: object.kind(),
-            name: object.name().to_string(),
-            errors,
-        })?;
-    }
-    Ok(objects)
-}
-
-fn read_objects(path: &PathBuf) -> Result<Vec<TaperObject>, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    load(&path.display().to_string(), &text)
-}
-
-fn describe(object: &TaperObject) -> String {
-    match object {
-        TaperObject::Dataset(ds) => {
-            let sources: Vec<&str> = ds.spec.sources.iter().map(|s| s.uri.as_str()).collect();
-            format!(
-                "Dataset {}: {} from {}",
-                ds.metadata.name.as_deref().unwrap_or_default(),
-                serde_json::to_string(&ds.spec.format).unwrap_or_default(),
-                sources.join(", ")
-            )
-        }
-        TaperObject::PretrainJob(pj) => {
-            let m = pj.spec.model.resolve();
-            let t = pj.spec.resolved_training();
-            format!(
-                "PretrainJob {}: GPT {}L/{}H/{}E, block {}, {} steps of {}×{} sequences at lr {:e}",
-                pj.metadata.name.as_deref().unwrap_or_default(),
-                m.n_layer,
-                m.n_head,
-                m.n_embd,
-                m.block_size,
-                t.max_steps,
-                t.batch_size,
-                t.gradient_accumulation_steps,
-                t.learning_rate
-            )
-        }
-        TaperObject::FinetuneJob(fj) => {
-            let t = fj.spec.resolved_training();
-            format!(
-                "FinetuneJob {}: {:?} on {}, {} steps at lr {:e}",
-                fj.metadata.name.as_deref().unwrap_or_default(),
-                fj.spec.method.type_,
-                fj.spec.dataset_ref.name,
-                t.max_steps,
-                t.learning_rate
-            )
-        }
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::Job(JobError::Internal(format!("tokio runtime: {e}"))))
-}
-
-fn pick_dataset<'a>(
-    objects: &'a [TaperObject],
-    name: Option<&str>,
-) -> Result<&'a taper_crds::Dataset, CliError> {
-    find_one(objects, TaperObject::as_dataset, name)
-        .map_err(|e| JobError::Spec(e.to_string()).into())
-}
-
-/// The quickstart: the embedded pipeline's pretraining half, on this machine's CPU.
-fn quickstart(work_dir: PathBuf, stop_after: Option<u64>) -> Result<u8, CliError> {
-    let objects = load("embedded quickstart", QUICKSTART)?;
-    println!("Quickstart (examples/quickstart/pipeline.yaml):");
-    for object in &objects {
-        println!("  {}", describe(object));
-    }
-    let rt = runtime()?;
-    let pj = find_one(&objects, TaperObject::as_pretrain_job, None)
-        .map_err(|e| JobError::Spec(format!("the quickstart: {e}")))?;
-    let ds = pick_dataset(&objects, Some(&pj.spec.dataset_ref.name))?;
-    let out = ds
-        .spec
-        .output
-        .as_ref()
-        .ok_or_else(|| JobError::Spec("the quickstart Dataset has no output".into()))?;
-    let store = rt
-        .block_on(taper_trainer::store::open(&out.uri, None))
-        .map_err(JobError::from)?;
-    if rt.block_on(store.get("manifest.json")).is_ok() {
-        println!(
-            "\n[1/3] Dataset {} is already prepared at {}",
-            ds.metadata.name.as_deref().unwrap_or_default(),
-            out.uri
-        );
-    } else {
-        println!(
-            "\n[1/3] Preparing Dataset {} → {}",
-            ds.metadata.name.as_deref().unwrap_or_default(),
-            out.uri
-        );
-        let stats = prepare::prepare(&rt, ds)?;
-        println!(
-            "      {} documents → {} train / {} test tokens",
-            stats.documents_read, stats.train_tokens, stats.test_tokens
-        );
-    }
-    let ckpt = pj.spec.checkpoints.uri.clone().unwrap_or_default();
-    println!(
-        "\n[2/3] Pretraining {} (progress as JSON lines; Ctrl-C checkpoints and stops, run again to resume)",
-        pj.metadata.name.as_deref().unwrap_or_default()
-    );
+/// Set when SIGTERM or SIGINT arrives: the trainer finishes the step, checkpoints and
+/// exits 75.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, JobError> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| JobError::Internal(format!("cannot install the signal handler: {e}")))?;
     }
-    let opts = job::PretrainOptions {
-        name: None,
-        data: None,
-        checkpoints: None,
-        work_dir,
-        metrics_addr: None,
-        peak_flops: None,
-        stop_after,
-        namespace: "local".into(),
-        device: None,
-        stop,
-    };
-    let outcome = job::pretrain(&rt, &objects, opts)?;
-    if let taper_trainer::train::pretrain::Outcome::Interrupted { step } = outcome {
-        println!(
-            "\nStopped at step {step} with a checkpoint in {ckpt}; run the quickstart again to resume."
-        );
-        return Ok(exit::RETRYABLE);
-    }
-    println!("\n[3/3] A sample from the model ({ckpt}):\n");
-    let text = generate::from_checkpoint(
-        &rt,
-        &ckpt,
-        "ROMEO:",
-        &SampleOptions {
-            max_tokens: 100,
-            temperature: 0.8,
-            top_k: 200,
-            seed: 1,
-        },
-    )?;
-    println!("{text}\n");
-    println!(
-        "Next: `taper generate --checkpoint {ckpt} --prompt ...`. The quickstart's FinetuneJob (LoRA on Alpaca) needs `taper finetune`, which is not built yet."
-    );
-    Ok(exit::SUCCESS)
+    Ok(stop)
 }
 
-fn run(cli: Cli) -> Result<u8, CliError> {
+fn runtime() -> Result<tokio::runtime::Runtime, JobError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| JobError::Internal(format!("tokio runtime: {e}")))
+}
+
+/// Logs go to stderr (stdout carries the JSON lines for the operator); `RUST_LOG`
+/// overrides the default level, `info`.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<u8, JobError> {
     match cli.command {
         Command::Validate { job } => {
-            for object in read_objects(&job)? {
-                println!("ok  {}", describe(&object));
+            for object in manifests::read(&job)? {
+                println!("ok  {}", manifests::describe(&object));
             }
         }
         Command::Pretrain(args) => {
-            let objects = read_objects(&args.job)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(signal, stop.clone()).map_err(|e| {
-                    JobError::Internal(format!("cannot install the signal handler: {e}"))
-                })?;
-            }
+            let objects = manifests::read(&args.job)?;
+            let stop = stop_on_signals()?;
             let rt = runtime()?;
             let opts = job::PretrainOptions {
                 name: args.name,
@@ -370,9 +192,9 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 stop,
             };
             let outcome = job::pretrain(&rt, &objects, opts)?;
-            eprintln!("taper: {outcome:?}");
+            tracing::info!("{outcome:?}");
             return Ok(match outcome {
-                taper_trainer::train::pretrain::Outcome::Interrupted { .. } => exit::RETRYABLE,
+                Outcome::Interrupted { .. } => exit::RETRYABLE,
                 _ => exit::SUCCESS,
             });
         }
@@ -405,33 +227,39 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             sample,
             clusters,
         } => {
-            let objects = read_objects(&job)?;
-            let ds = pick_dataset(&objects, name.as_deref())?;
+            let objects = manifests::read(&job)?;
+            let ds = find_one(&objects, TaperObject::as_dataset, name.as_deref())
+                .map_err(|e| JobError::Spec(e.to_string()))?;
             let mut options = prepare::Options {
                 clusters,
                 ..prepare::Options::default()
             };
+            let rt = runtime()?;
             if dry_run {
                 options.limit = Some(sample);
-                let selected = prepare::select_documents_with(ds, &options)?;
+                let selected = prepare::select_documents_with(&rt, ds, &options)?;
                 println!(
                     "Dry run on the first {sample} records of each source (nothing written):\n"
                 );
-                print!("{}", prepare::summary_table(&selected.stats));
+                print!("{}", selected.stats.summary_table());
                 return Ok(exit::SUCCESS);
             }
-            let rt = runtime()?;
-            let stats = prepare::prepare_with(&rt, ds, &options)?;
-            // JSON on stdout for the operator; a table for people on stderr.
-            println!("{}", serde_json::to_string(&stats).unwrap_or_default());
-            eprint!("{}", prepare::summary_table(&stats));
+            let report = prepare::prepare_with(&rt, ds, &options)?;
+            // The report as one JSON line on stdout for the operator; a table for people
+            // on stderr.
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            eprint!("{}", report.summary_table());
         }
         Command::Quickstart {
             work_dir,
             stop_after,
-        } => return quickstart(work_dir, stop_after),
+        } => {
+            let stop = stop_on_signals()?;
+            let rt = runtime()?;
+            return quickstart::run(&rt, work_dir, stop_after, stop);
+        }
         Command::CheckKernels { device } => {
-            let device = job::select_device(device.as_deref())?;
+            let device = device::select_device(device.as_deref())?;
             // GPT-2 small's shapes: attention scores of 2 sequences × 12 heads at block
             // 1024, and the logits of 1,024 positions over the padded GPT-2 vocabulary.
             let checks = model::check::check_fused_ops(&device, (2, 12, 1024), (1024, 50304))
@@ -447,10 +275,11 @@ fn run(cli: Cli) -> Result<u8, CliError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("taper: {e}");
+            tracing::error!(category = e.category().label(), "{e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -56,10 +56,7 @@ const MIN_ALPHA_WORDS: f64 = 0.8;
 
 /// The name of a rule as the spec and `stats.json` spell it (`gopherWordCount`, …).
 pub fn rule_name(rule: QualityRule) -> String {
-    serde_json::to_value(rule)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{rule:?}"))
+    rule.name().to_string()
 }
 
 /// Text normalisation: NFC, `\r\n` → `\n`, control and zero-width characters removed,

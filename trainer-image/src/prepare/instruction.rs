@@ -2,6 +2,7 @@
 //! output}` validated and normalised, rendered with the Alpaca prompt template, and
 //! tokenized with a loss mask that covers the response (and its end-of-text token) only.
 
+use taper_crds::report::DropReason;
 use unicode_normalization::UnicodeNormalization;
 
 /// Inputs that mean "no input" in Alpaca-style data (compared case-insensitively, with
@@ -33,12 +34,12 @@ pub enum Reject {
 }
 
 impl Reject {
-    /// The reason's name in `stats.json`.
-    pub fn name(self) -> &'static str {
+    /// The reason the record is dropped for.
+    pub fn reason(self) -> DropReason {
         match self {
-            Self::Malformed => "malformed",
-            Self::EmptyInstruction => "emptyInstruction",
-            Self::EmptyOutput => "emptyOutput",
+            Self::Malformed => DropReason::Malformed,
+            Self::EmptyInstruction => DropReason::EmptyInstruction,
+            Self::EmptyOutput => DropReason::EmptyOutput,
         }
     }
 }

@@ -20,10 +20,8 @@ use std::{
 
 use taper_crds::dataset::Source;
 
-use crate::{
-    job::JobError,
-    store::{self, ObjectStore, StoreError},
-};
+use super::PrepareError;
+use crate::store::{self, ObjectStore, StoreError};
 
 /// Attempts of an HTTP download in a row that make no progress before it fails.
 const HTTP_ATTEMPTS: u32 = 6;
@@ -77,7 +75,10 @@ fn has_glob(s: &str) -> bool {
 
 /// The objects of `source`, in a stable order. A source that names nothing is an error
 /// that names it.
-pub(crate) fn list(rt: &tokio::runtime::Runtime, source: &Source) -> Result<Vec<Object>, JobError> {
+pub(crate) fn list(
+    rt: &tokio::runtime::Runtime,
+    source: &Source,
+) -> Result<Vec<Object>, PrepareError> {
     let name = &source.name;
     let uri = source.uri.as_str();
     if let Some(path) = uri.strip_prefix("file://") {
@@ -89,7 +90,7 @@ pub(crate) fn list(rt: &tokio::runtime::Runtime, source: &Source) -> Result<Vec<
     if let Some(rest) = uri.strip_prefix("s3://") {
         let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(JobError::Spec(format!(
+            return Err(PrepareError::Spec(format!(
                 "source {name}: {uri:?} names no bucket"
             )));
         }
@@ -99,8 +100,9 @@ pub(crate) fn list(rt: &tokio::runtime::Runtime, source: &Source) -> Result<Vec<
         ))?;
         let (prefix, pattern) = if has_glob(path) {
             let literal = &path[..path.find(['*', '?', '[']).unwrap_or(path.len())];
-            let pattern = glob::Pattern::new(path)
-                .map_err(|e| JobError::Spec(format!("source {name}: bad glob {path:?}: {e}")))?;
+            let pattern = glob::Pattern::new(path).map_err(|e| {
+                PrepareError::Spec(format!("source {name}: bad glob {path:?}: {e}"))
+            })?;
             (literal.to_string(), Some(pattern))
         } else {
             (path.to_string(), None)
@@ -124,23 +126,24 @@ pub(crate) fn list(rt: &tokio::runtime::Runtime, source: &Source) -> Result<Vec<
             })
             .collect();
         if objects.is_empty() {
-            return Err(JobError::Data(format!(
+            return Err(PrepareError::Data(format!(
                 "source {name}: no object matches {uri}"
             )));
         }
         return Ok(objects);
     }
-    Err(JobError::Spec(format!(
+    Err(PrepareError::Spec(format!(
         "source {name}: {uri:?} is not an s3://, https:// or file:// URI"
     )))
 }
 
-fn list_local(name: &str, path: &str) -> Result<Vec<Object>, JobError> {
-    let unreadable = |e: String| JobError::Data(format!("source {name}: cannot read {path}: {e}"));
+fn list_local(name: &str, path: &str) -> Result<Vec<Object>, PrepareError> {
+    let unreadable =
+        |e: String| PrepareError::Data(format!("source {name}: cannot read {path}: {e}"));
     let mut files = Vec::new();
     if has_glob(path) {
         let entries = glob::glob(path)
-            .map_err(|e| JobError::Spec(format!("source {name}: bad glob {path:?}: {e}")))?;
+            .map_err(|e| PrepareError::Spec(format!("source {name}: bad glob {path:?}: {e}")))?;
         for entry in entries {
             let p = entry.map_err(|e| unreadable(e.to_string()))?;
             if p.is_file() {
@@ -148,14 +151,14 @@ fn list_local(name: &str, path: &str) -> Result<Vec<Object>, JobError> {
             }
         }
         if files.is_empty() {
-            return Err(JobError::Data(format!(
+            return Err(PrepareError::Data(format!(
                 "source {name}: no file matches {path}"
             )));
         }
     } else if Path::new(path).is_dir() {
         walk(Path::new(path), &mut files).map_err(|e| unreadable(e.to_string()))?;
         if files.is_empty() {
-            return Err(JobError::Data(format!(
+            return Err(PrepareError::Data(format!(
                 "source {name}: the folder {path} holds no file"
             )));
         }
@@ -215,11 +218,11 @@ pub(crate) fn fetch(
     source: &str,
     object: &Object,
     index: usize,
-) -> Result<Fetched, JobError> {
+) -> Result<Fetched, PrepareError> {
     let spool = &spool.0;
     let dest = spool.join(format!("{source}-{index:06}"));
     let mkdir = |e: std::io::Error| {
-        JobError::Store(StoreError::Io {
+        PrepareError::Store(StoreError::Io {
             path: spool.display().to_string(),
             source: e,
         })
@@ -249,8 +252,8 @@ pub(crate) fn fetch(
     }
 }
 
-fn http_err(url: &str, message: impl std::fmt::Display) -> JobError {
-    JobError::Store(StoreError::Http {
+fn http_err(url: &str, message: impl std::fmt::Display) -> PrepareError {
+    PrepareError::Store(StoreError::Http {
         url: url.to_string(),
         message: message.to_string(),
     })
@@ -260,7 +263,7 @@ fn http_err(url: &str, message: impl std::fmt::Display) -> JobError {
 /// cut short) are retried with exponential backoff, resuming from the bytes already on
 /// disk with a `Range` request; a server that answers 200 to it is read again from the
 /// start. Other statuses are permanent errors that name the URL.
-pub(crate) async fn download(url: &str, dest: &Path, source: &str) -> Result<u64, JobError> {
+pub(crate) async fn download(url: &str, dest: &Path, source: &str) -> Result<u64, PrepareError> {
     use reqwest::{StatusCode, header};
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(30))
@@ -269,7 +272,7 @@ pub(crate) async fn download(url: &str, dest: &Path, source: &str) -> Result<u64
         .build()
         .map_err(|e| http_err(url, e))?;
     let io = |e: std::io::Error| {
-        JobError::Store(StoreError::Io {
+        PrepareError::Store(StoreError::Io {
             path: dest.display().to_string(),
             source: e,
         })
@@ -287,8 +290,11 @@ pub(crate) async fn download(url: &str, dest: &Path, source: &str) -> Result<u64
                 ));
             }
             let backoff = Duration::from_millis(250 << failures.min(6));
-            eprintln!(
-                "taper: source {source}: GET {url}: {last_error}; retrying in {backoff:?} from byte {have}"
+            tracing::warn!(
+                source,
+                url,
+                from_byte = have,
+                "GET failed: {last_error}; retrying in {backoff:?}"
             );
             tokio::time::sleep(backoff).await;
         }
@@ -344,7 +350,7 @@ pub(crate) async fn download(url: &str, dest: &Path, source: &str) -> Result<u64
                 continue;
             }
             s => {
-                return Err(JobError::Data(format!(
+                return Err(PrepareError::Data(format!(
                     "source {source}: GET {url}: HTTP {s}"
                 )));
             }
@@ -395,7 +401,7 @@ pub(crate) fn fetch_one(
     what: &str,
     uri: &str,
     access: Option<&taper_crds::store::StoreAccess>,
-) -> Result<Fetched, JobError> {
+) -> Result<Fetched, PrepareError> {
     let object = if let Some(path) = uri.strip_prefix("file://") {
         Object::Local(PathBuf::from(path))
     } else if uri.starts_with("https://") || uri.starts_with("http://") {
@@ -406,13 +412,13 @@ pub(crate) fn fetch_one(
             key: key.to_string(),
         }
     } else {
-        return Err(JobError::Spec(format!(
+        return Err(PrepareError::Spec(format!(
             "{what}: {uri:?} is not an s3://bucket/key, https:// or file:// URI"
         )));
     };
     let fetched = fetch(rt, spool, what, &object, 0)?;
     if !fetched.path.is_file() {
-        return Err(JobError::Data(format!("{what}: cannot read {uri}")));
+        return Err(PrepareError::Data(format!("{what}: cannot read {uri}")));
     }
     Ok(fetched)
 }

@@ -11,8 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::instruction::Record;
-use crate::{job::JobError, store::StoreError};
+use super::{PrepareError, instruction::Record, io_err};
 
 /// One document on its way through the stages.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,17 +40,9 @@ pub(crate) struct Spill {
     map: Option<memmap2::Mmap>,
 }
 
-/// A local file's I/O error, as the job sees it.
-pub(crate) fn io_err(path: &std::path::Path, e: std::io::Error) -> JobError {
-    JobError::Store(StoreError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })
-}
-
 impl Spill {
     /// A new, empty spill at `path`.
-    pub fn create(path: PathBuf) -> Result<Self, JobError> {
+    pub fn create(path: PathBuf) -> Result<Self, PrepareError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         }
@@ -66,12 +57,12 @@ impl Spill {
     }
 
     /// Append `doc`; its index is the number of documents before it.
-    pub fn push(&mut self, doc: &Doc) -> Result<(), JobError> {
+    pub fn push(&mut self, doc: &Doc) -> Result<(), PrepareError> {
         let Some(w) = self.writer.as_mut() else {
-            return Err(JobError::Internal("spill: push after finish".into()));
+            return Err(PrepareError::Internal("spill: push after finish".into()));
         };
         let mut line =
-            serde_json::to_vec(doc).map_err(|e| JobError::Internal(format!("spill: {e}")))?;
+            serde_json::to_vec(doc).map_err(|e| PrepareError::Internal(format!("spill: {e}")))?;
         line.push(b'\n');
         w.write_all(&line).map_err(|e| io_err(&self.path, e))?;
         let end = self.offsets.last().copied().unwrap_or(0) + line.len() as u64;
@@ -91,7 +82,7 @@ impl Spill {
     }
 
     /// Stop writing and map the file for reading.
-    pub fn finish(&mut self) -> Result<(), JobError> {
+    pub fn finish(&mut self) -> Result<(), PrepareError> {
         if let Some(mut w) = self.writer.take() {
             w.flush().map_err(|e| io_err(&self.path, e))?;
         }
@@ -107,14 +98,14 @@ impl Spill {
     }
 
     /// Document `i` (after [`Spill::finish`]).
-    pub fn get(&self, i: usize) -> Result<Doc, JobError> {
+    pub fn get(&self, i: usize) -> Result<Doc, PrepareError> {
         let map = self
             .map
             .as_ref()
-            .ok_or_else(|| JobError::Internal("spill: read before finish".into()))?;
+            .ok_or_else(|| PrepareError::Internal("spill: read before finish".into()))?;
         let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
         serde_json::from_slice(&map[a..b]).map_err(|e| {
-            JobError::Internal(format!("spill {}: document {i}: {e}", self.path.display()))
+            PrepareError::Internal(format!("spill {}: document {i}: {e}", self.path.display()))
         })
     }
 }
@@ -139,7 +130,7 @@ pub(crate) struct BandKeys {
 
 impl BandKeys {
     /// Empty files for `bands` bands in `dir`.
-    pub fn create(dir: &std::path::Path, bands: usize) -> Result<Self, JobError> {
+    pub fn create(dir: &std::path::Path, bands: usize) -> Result<Self, PrepareError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let mut paths = Vec::with_capacity(bands);
         let mut writers = Vec::with_capacity(bands);
@@ -157,7 +148,7 @@ impl BandKeys {
     }
 
     /// Append the next document's keys (`None`: no shingles).
-    pub fn push(&mut self, keys: Option<&[u64]>) -> Result<(), JobError> {
+    pub fn push(&mut self, keys: Option<&[u64]>) -> Result<(), PrepareError> {
         for (b, (w, path)) in self.writers.iter_mut().zip(&self.paths).enumerate() {
             let key = keys.and_then(|k| k.get(b)).copied().unwrap_or(0);
             w.write_all(&key.to_le_bytes())
@@ -168,7 +159,7 @@ impl BandKeys {
     }
 
     /// Flush the files.
-    pub fn finish(&mut self) -> Result<(), JobError> {
+    pub fn finish(&mut self) -> Result<(), PrepareError> {
         for (mut w, path) in self.writers.drain(..).zip(&self.paths) {
             w.flush().map_err(|e| io_err(path, e))?;
         }
@@ -176,7 +167,7 @@ impl BandKeys {
     }
 
     /// Band `b`'s `(key, document)` pairs, for the documents that have shingles.
-    pub fn band(&self, b: usize) -> Result<Vec<(u64, usize)>, JobError> {
+    pub fn band(&self, b: usize) -> Result<Vec<(u64, usize)>, PrepareError> {
         let path = &self.paths[b];
         let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
         Ok(bytes

@@ -29,28 +29,11 @@ use std::{
 };
 
 use libsais::SuffixArrayConstruction;
-use serde::Serialize;
 
 /// Default tokens per chunk: 256 Mi tokens, about 1.5 GB of working memory.
 pub const DEFAULT_CHUNK_TOKENS: usize = 256 << 20;
 
-/// What the stage removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SubstringStats {
-    /// Shortest span removed, in tokens.
-    pub min_length: u64,
-    /// Tokens examined.
-    pub tokens_in: u64,
-    /// Tokens removed.
-    pub tokens_removed: u64,
-    /// Maximal runs of removed tokens.
-    pub spans_removed: u64,
-    /// Documents that lost tokens (those left empty included).
-    pub documents_changed: u64,
-    /// Suffix arrays built (one per chunk) and merged.
-    pub chunks: u64,
-}
+pub use taper_crds::report::SubstringStats;
 
 /// Why the stage could not run.
 #[derive(Debug, thiserror::Error)]

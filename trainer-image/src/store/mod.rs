@@ -56,6 +56,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The kind of failure for the exit code: a bad URI is the spec's, a missing object
+    /// the data's, anything else (network, throttling, a full disk) may pass.
+    pub fn category(&self) -> taper_crds::exit::Category {
+        use taper_crds::exit::Category;
+        match self {
+            Self::BadUri(_) => Category::InvalidSpec,
+            Self::NotFound(_) => Category::InvalidData,
+            _ => Category::Retryable,
+        }
+    }
+
     /// Whether retrying later may succeed (network, throttling, server errors), as
     /// opposed to a permanent problem (bad URI, missing object).
     pub fn is_transient(&self) -> bool {

@@ -352,7 +352,7 @@ impl<'a> Checkpointer<'a> {
         Ok(Saved {
             manifest,
             sha256,
-            uri: join(&self.store.uri(), &dir),
+            uri: self.uri_of(&dir),
         })
     }
 
@@ -447,6 +447,11 @@ impl<'a> Checkpointer<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// The folder URI of the checkpoint in folder `dir` (as [`Saved::uri`] spells it).
+    pub fn uri_of(&self, dir: &str) -> String {
+        join(&self.store.uri(), dir)
     }
 
     /// Delete every checkpoint but the newest `keep` and the one with the lowest

@@ -20,9 +20,12 @@ use std::{
 };
 
 use candle_core::Device;
-use serde_json::json;
 use taper_crds::{
     model::GptConfig,
+    report::{
+        self, CheckpointSaved, Done, EvalAction, EvalReport, NonFiniteLoss, ProgressEvent, Started,
+        StepReport,
+    },
     training::{Overfitting, OverfittingAction, ResolvedTraining},
 };
 
@@ -139,10 +142,30 @@ fn finish_upload(upload: &mut Option<Upload<'_>>) -> Result<(), PretrainError> {
 }
 
 /// One line of machine-readable progress (JSON on stdout), read by the operator.
-fn emit(event: serde_json::Value) {
+fn emit(event: ProgressEvent) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{event}");
+    let _ = writeln!(out, "{}", event.to_line());
     let _ = out.flush();
+}
+
+impl Outcome {
+    /// The outcome as the progress stream reports it.
+    pub fn reason(&self) -> report::Outcome {
+        match self {
+            Self::MaxStepsReached { .. } => report::Outcome::MaxStepsReached,
+            Self::StoppedEarly { .. } => report::Outcome::StoppedEarly,
+            Self::Interrupted { .. } => report::Outcome::Interrupted,
+        }
+    }
+
+    /// The last step taken.
+    pub fn step(&self) -> u64 {
+        match self {
+            Self::MaxStepsReached { step }
+            | Self::StoppedEarly { step }
+            | Self::Interrupted { step } => *step,
+        }
+    }
 }
 
 /// What the overfitting policy decided after an evaluation.
@@ -198,15 +221,16 @@ impl Tracker {
     }
 }
 
-/// Run (or resume) pretraining. Progress goes to stdout as JSON lines:
-/// `{"event":"step",...}`, `{"event":"eval",...}`, `{"event":"checkpoint",...}`,
-/// `{"event":"resume",...}` and a final `{"event":"done",...}`.
+/// Run (or resume) pretraining. Progress goes to stdout as JSON lines, one
+/// [`ProgressEvent`] each: `started`, then `step`, `eval`, `checkpoint` and
+/// `nonFiniteLoss` as they happen, and a final `done`.
 pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome, PretrainError> {
     let ckpt = Checkpointer::new(run.store, run.staging.clone());
     let params = init_params(&run.model, run.training.seed as u64, &run.device)?;
     let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;
     let mut trainer = Trainer::new(run.model, run.training.clone(), params, run.device.clone())?;
     let mut tracker = Tracker::default();
+    let mut resumed_from = None;
 
     if let Some(loaded) = rt.block_on(ckpt.resume(&run.device))? {
         if loaded.state.model != run.model {
@@ -227,10 +251,15 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             best_step: loaded.state.best_step,
             bad_evals: loaded.state.evals_without_improvement,
         };
-        emit(
-            json!({"event": "resume", "step": loaded.state.step, "checkpoint": loaded.dir, "tokens": loaded.state.tokens}),
-        );
+        resumed_from = Some(ckpt.uri_of(&loaded.dir));
     }
+    emit(ProgressEvent::Started(Started {
+        step: trainer.step_count(),
+        tokens: trainer.tokens(),
+        max_steps: run.training.max_steps as u64,
+        parameters: n_params as u64,
+        resumed_from,
+    }));
 
     let max_steps = run.training.max_steps as u64;
     let eval_every = run.training.eval_interval.max(1) as u64;
@@ -273,11 +302,16 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             m.checkpoint_save.observe(secs);
         }
         let state = &snapshot.state;
-        emit(
-            json!({"event": "checkpoint", "step": state.step, "tokens": state.tokens, "uri": saved.uri,
-                    "valLoss": state.val_loss, "seconds": secs, "stallSeconds": stall,
-                    "deleted": deleted, "sha256": saved.sha256}),
-        );
+        emit(ProgressEvent::Checkpoint(CheckpointSaved {
+            step: state.step,
+            tokens: state.tokens,
+            uri: saved.uri,
+            val_loss: state.val_loss.map(f64::from),
+            sha256: saved.sha256,
+            seconds: secs,
+            stall_seconds: stall,
+            deleted: deleted.iter().map(|dir| ckpt.uri_of(dir)).collect(),
+        }));
         Ok(())
     };
 
@@ -314,9 +348,11 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                     }
                     Err(StepError::NonFiniteLoss(value, at)) => {
                         non_finite += 1;
-                        emit(
-                            json!({"event": "nonFiniteLoss", "step": at, "value": value.to_string(), "consecutive": non_finite}),
-                        );
+                        emit(ProgressEvent::NonFiniteLoss(NonFiniteLoss {
+                            step: at,
+                            value: value.to_string(),
+                            consecutive: non_finite,
+                        }));
                         if non_finite >= MAX_NON_FINITE_STEPS {
                             return Err(PretrainError::Diverged(non_finite, at));
                         }
@@ -343,11 +379,16 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                 }
                 // With a bar on an interactive terminal, per-step JSON would only scroll past it.
                 if bar.is_none() || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                    emit(
-                        json!({"event": "step", "step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                                "gradNorm": stats.grad_norm, "tokens": trainer.tokens(), "tokensPerSecond": tok_s,
-                                "mfu": mfu, "seconds": secs}),
-                    );
+                    emit(ProgressEvent::Step(StepReport {
+                        step: stats.step,
+                        loss: f64::from(stats.loss),
+                        lr: stats.lr,
+                        grad_norm: stats.grad_norm,
+                        tokens: trainer.tokens(),
+                        tokens_per_second: tok_s,
+                        mfu,
+                        seconds: secs,
+                    }));
                 }
 
                 let at_end = stats.step >= max_steps;
@@ -368,18 +409,22 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                     let action = match decision {
                         Decision::ReduceLearningRate => {
                             trainer.scale_lr(run.overfitting.factor);
-                            "reduceLearningRate"
+                            EvalAction::ReduceLearningRate
                         }
                         Decision::StopEarly => {
                             stop_early = true;
-                            "stopEarly"
+                            EvalAction::StopEarly
                         }
-                        Decision::Improved | Decision::Continue => "none",
+                        Decision::Improved | Decision::Continue => EvalAction::None,
                     };
-                    emit(
-                        json!({"event": "eval", "step": stats.step, "trainLoss": train_loss, "valLoss": val_loss,
-                                "bestValLoss": tracker.best, "bestStep": tracker.best_step, "action": action}),
-                    );
+                    emit(ProgressEvent::Eval(EvalReport {
+                        step: stats.step,
+                        train_loss: f64::from(train_loss),
+                        val_loss: f64::from(val_loss),
+                        best_val_loss: tracker.best.map(f64::from),
+                        best_step: tracker.best_step,
+                        action,
+                    }));
                 }
 
                 let interrupted = run.stop.load(Ordering::SeqCst)
@@ -403,12 +448,10 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         let uploaded = finish_upload(&mut in_flight);
         let outcome = outcome?;
         uploaded?;
-        let (reason, step) = match &outcome {
-            Outcome::MaxStepsReached { step } => ("MaxStepsReached", step),
-            Outcome::StoppedEarly { step } => ("StoppedEarly", step),
-            Outcome::Interrupted { step } => ("Interrupted", step),
-        };
-        emit(json!({"event": "done", "reason": reason, "step": step}));
+        emit(ProgressEvent::Done(Done {
+            reason: outcome.reason(),
+            step: outcome.step(),
+        }));
         Ok(outcome)
     })
 }

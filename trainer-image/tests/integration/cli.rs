@@ -64,9 +64,10 @@ fn quickstart_prepares_pretrains_stops_and_resumes() {
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(stdout.contains("already prepared"), "{stdout}");
     assert!(
-        stdout.contains("\"event\":\"resume\",\"step\":2"),
+        stdout.contains("\"event\":\"started\",\"step\":2"),
         "resumes at step 2:\n{stdout}"
     );
+    assert!(stdout.contains("\"resumedFrom\":\"file://"), "{stdout}");
     assert_eq!(second.status.code(), Some(75));
 }
 
@@ -196,8 +197,14 @@ fn sigterm_checkpoints_and_exits_retryable_then_the_run_resumes() {
             .expect("a line"),
     )
     .expect("json");
-    assert_eq!(first["event"], "resume");
+    assert_eq!(first["event"], "started");
     assert_eq!(first["step"].as_u64(), Some(stopped_at));
+    assert!(
+        first["resumedFrom"]
+            .as_str()
+            .is_some_and(|uri| uri.ends_with(&format!("step-{stopped_at:09}"))),
+        "{first}"
+    );
     assert_eq!(resumed.status.code(), Some(75));
 
     // And the checkpoint samples text.

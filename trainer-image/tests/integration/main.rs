@@ -7,6 +7,7 @@
 mod checkpoint_resume;
 mod cli;
 mod common;
+mod contract;
 mod gpt_gradients;
 mod learns_shakespeare;
 mod mixed_precision;

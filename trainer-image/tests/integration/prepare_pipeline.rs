@@ -8,8 +8,9 @@ use serde_json::json;
 use taper_crds::Dataset;
 
 use crate::common::{all_rules_off, dataset, runtime, shared};
+use taper_crds::report::{DropReason, Normalization};
 use taper_trainer::prepare::{
-    self, PrepareStats,
+    self, PrepareReport,
     dedup::{self, MinHashParams, MinHasher, UnionFind},
 };
 
@@ -29,28 +30,43 @@ fn web_sample_has_27_empty_texts_and_9_exact_duplicate_copies() {
     if shared().is_none() {
         return;
     }
-    let p = prepare::select_documents(&web(
-        "webtext-sample.jsonl",
-        "jsonl",
-        all_rules_off(),
-        false,
-    ))
+    let p = prepare::select_documents(
+        &runtime(),
+        &web("webtext-sample.jsonl", "jsonl", all_rules_off(), false),
+    )
     .expect("prepare");
     let s = &p.stats;
     assert_eq!(s.documents_read, 697);
-    assert_eq!(s.dropped.get("empty"), Some(&27), "{:?}", s.dropped);
-    assert_eq!(s.dropped.get("exactDuplicate"), Some(&9), "{:?}", s.dropped);
-    assert_eq!(s.dropped.get("urlDuplicate"), None, "no URL appears twice");
+    assert_eq!(
+        s.dropped.get(&DropReason::Empty),
+        Some(&27),
+        "{:?}",
+        s.dropped
+    );
+    assert_eq!(
+        s.dropped.get(&DropReason::ExactDuplicate),
+        Some(&9),
+        "{:?}",
+        s.dropped
+    );
+    assert_eq!(
+        s.dropped.get(&DropReason::UrlDuplicate),
+        None,
+        "no URL appears twice"
+    );
     assert_eq!(s.train_documents + s.test_documents, 661);
     assert!(s.balanced(), "{s:?}");
 
     // The zstd copy reads the same documents.
-    let z = prepare::select_documents(&web(
-        "webtext-sample.jsonl.zst",
-        "jsonl.zst",
-        all_rules_off(),
-        false,
-    ))
+    let z = prepare::select_documents(
+        &runtime(),
+        &web(
+            "webtext-sample.jsonl.zst",
+            "jsonl.zst",
+            all_rules_off(),
+            false,
+        ),
+    )
     .expect("prepare zst");
     assert_eq!(z.stats.dropped, p.stats.dropped);
     assert_eq!(z.stats.sources, p.stats.sources);
@@ -62,9 +78,12 @@ fn default_cleaning_accounts_for_every_web_document() {
     if shared().is_none() {
         return;
     }
-    let p = prepare::select_documents(&web("webtext-sample.jsonl", "jsonl", json!({}), true))
-        .expect("prepare");
-    let s: &PrepareStats = &p.stats;
+    let p = prepare::select_documents(
+        &runtime(),
+        &web("webtext-sample.jsonl", "jsonl", json!({}), true),
+    )
+    .expect("prepare");
+    let s: &PrepareReport = &p.stats;
     eprintln!(
         "{}",
         serde_json::to_string_pretty(&s.dropped).unwrap_or_default()
@@ -73,14 +92,14 @@ fn default_cleaning_accounts_for_every_web_document() {
         s.balanced(),
         "every document is kept or dropped for a reason: {s:?}"
     );
-    assert_eq!(s.dropped.get("empty"), Some(&27));
+    assert_eq!(s.dropped.get(&DropReason::Empty), Some(&27));
     let kept = s.train_documents + s.test_documents;
     assert!(
         kept > 100 && kept < 661,
         "the quality rules keep some and drop some: {kept}"
     );
     assert!(
-        s.dropped.keys().any(|k| k.starts_with("gopher")),
+        s.dropped.keys().any(|k| k.name().starts_with("gopher")),
         "{:?}",
         s.dropped
     );
@@ -118,8 +137,8 @@ fn malformed_records_are_counted_and_skipped() {
         "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
         "split": {"testSize": 1},
     }));
-    let p = prepare::select_documents(&ds).expect("prepare");
-    assert_eq!(p.stats.dropped.get("malformed"), Some(&3));
+    let p = prepare::select_documents(&runtime(), &ds).expect("prepare");
+    assert_eq!(p.stats.dropped.get(&DropReason::Malformed), Some(&3));
     assert_eq!(p.stats.documents_read, 5, "blank lines are not records");
     assert_eq!(p.train.len() + p.test.len(), 2);
     assert!(p.stats.balanced());
@@ -255,7 +274,7 @@ fn stackexchange_dumps_become_question_threads() {
         "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
         "split": {"testSize": 0.1},
     }));
-    let p = prepare::select_documents(&ds).expect("prepare");
+    let p = prepare::select_documents(&runtime(), &ds).expect("prepare");
     let s = &p.stats;
     assert_eq!(
         s.sources["beer"].read, 663,
@@ -264,7 +283,7 @@ fn stackexchange_dumps_become_question_threads() {
     assert!(
         s.sources["beer"]
             .dropped
-            .get("qualityThreshold")
+            .get(&DropReason::QualityThreshold)
             .is_some_and(|&n| n > 0)
     );
     assert!(s.sources["coffee"].read > 0);
@@ -295,10 +314,10 @@ fn json_arrays_stream_records() {
         "dedup": {"exact": false, "minhash": {"enabled": false}, "decontamination": {"enabled": false}},
         "split": {"testSize": 0.1},
     }));
-    let p = prepare::select_documents(&ds).expect("prepare");
+    let p = prepare::select_documents(&runtime(), &ds).expect("prepare");
     assert_eq!(p.stats.documents_read, 5000);
     assert_eq!(
-        p.stats.dropped.get("empty"),
+        p.stats.dropped.get(&DropReason::Empty),
         Some(&2),
         "the sample has 2 empty outputs"
     );
@@ -324,7 +343,7 @@ fn a_mixed_dataset_publishes_shards_the_trainer_reads() {
     }));
     let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
-    eprintln!("{}", prepare::summary_table(&stats));
+    eprintln!("{}", stats.summary_table());
     assert!(stats.balanced(), "every document accounted for: {stats:?}");
     for name in ["web", "beer", "coffee", "wiki"] {
         assert!(
@@ -362,13 +381,16 @@ fn alpaca_records_become_masked_examples() {
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
     assert_eq!(stats.documents_read, 5000);
     assert_eq!(
-        stats.dropped.get("emptyOutput"),
+        stats.dropped.get(&DropReason::EmptyOutput),
         Some(&2),
         "{:?}",
         stats.dropped
     );
     // `No input`, `Noinput`, `<no input>`, `< noinput >`, `N/A`, `None`, …: 49 in the sample.
-    assert_eq!(stats.normalized.get("placeholderInput"), Some(&49));
+    assert_eq!(
+        stats.normalized.get(&Normalization::PlaceholderInput),
+        Some(&49)
+    );
     assert!(
         stats.truncated.is_some_and(|t| t > 0 && t < 500),
         "{:?}",
@@ -376,7 +398,11 @@ fn alpaca_records_become_masked_examples() {
     );
     // Examples whose prompt alone fills the 256 tokens are dropped, not cut: they would
     // leave no response token to learn from.
-    let too_long = stats.dropped.get("promptTooLong").copied().unwrap_or(0);
+    let too_long = stats
+        .dropped
+        .get(&DropReason::PromptTooLong)
+        .copied()
+        .unwrap_or(0);
     eprintln!(
         "promptTooLong: {too_long}, truncated: {:?}",
         stats.truncated
@@ -464,14 +490,14 @@ fn exact_substring_dedup_cuts_repeated_spans() {
     }));
     let rt = runtime();
     let stats = prepare::prepare(&rt, &ds).expect("prepare");
-    eprintln!("{}", prepare::summary_table(&stats));
+    eprintln!("{}", stats.summary_table());
     let sub = stats.substring.clone().expect("substring stats");
     eprintln!("{sub:?}");
     assert_eq!(sub.min_length, 50);
     assert!(sub.tokens_removed > 0, "{sub:?}");
     let emptied = stats
         .dropped
-        .get("substringDuplicate")
+        .get(&DropReason::SubstringDuplicate)
         .copied()
         .unwrap_or(0);
     // The sample's exact copies: 6 of a 3-word page and 1 of a 4-word one, shorter than

@@ -16,9 +16,10 @@ use parquet::{
     schema::parser::parse_message_type,
 };
 use serde_json::{Value, json};
-use taper_trainer::{job::JobError, prepare};
+use taper_crds::report::DropReason;
+use taper_trainer::prepare::{self, PrepareError};
 
-use crate::common::{TempDir, all_rules_off, dataset, shared};
+use crate::common::{TempDir, all_rules_off, dataset, runtime, shared};
 
 fn web_from(uri: &str, format: &str, url_field: &str) -> taper_crds::Dataset {
     dataset(json!({
@@ -94,17 +95,19 @@ fn parquet_reads_like_json_lines() {
     let file = tmp.path().join("web.parquet");
     write_parquet(&file, &["text", "url"], &rows, 200);
 
-    let local = prepare::select_documents(&web_from(
-        &format!("file://{}", data.join("webtext-sample.jsonl").display()),
-        "jsonl",
-        "metadata.url",
-    ))
+    let local = prepare::select_documents(
+        &runtime(),
+        &web_from(
+            &format!("file://{}", data.join("webtext-sample.jsonl").display()),
+            "jsonl",
+            "metadata.url",
+        ),
+    )
     .expect("jsonl");
-    let p = prepare::select_documents(&web_from(
-        &format!("file://{}", file.display()),
-        "parquet",
-        "url",
-    ))
+    let p = prepare::select_documents(
+        &runtime(),
+        &web_from(&format!("file://{}", file.display()), "parquet", "url"),
+    )
     .expect("parquet");
     assert_eq!(p.stats.documents_read, 697);
     assert_eq!(p.stats.dropped, local.stats.dropped);
@@ -114,13 +117,12 @@ fn parquet_reads_like_json_lines() {
     // A file that is not Parquet is an error naming it.
     let bad = tmp.path().join("bad.parquet");
     std::fs::write(&bad, b"PAR1 but not really").expect("write");
-    let err = prepare::select_documents(&web_from(
-        &format!("file://{}", bad.display()),
-        "parquet",
-        "url",
-    ))
+    let err = prepare::select_documents(
+        &runtime(),
+        &web_from(&format!("file://{}", bad.display()), "parquet", "url"),
+    )
     .expect_err("not parquet");
-    assert!(matches!(err, JobError::Data(_)), "{err}");
+    assert!(matches!(err, PrepareError::Data(_)), "{err}");
     assert!(err.to_string().contains("bad.parquet"), "{err}");
 }
 
@@ -149,13 +151,19 @@ fn alpaca_parquet_becomes_instruction_examples() {
             "dedup": {"minhash": {"enabled": false}, "decontamination": {"enabled": false}},
             "split": {"testSize": 0.05}}))
     };
-    let json = prepare::select_documents(&spec(
-        format!("file://{}", data.join("alpaca-sample.json").display()),
-        "alpaca-json",
-    ))
+    let json = prepare::select_documents(
+        &runtime(),
+        &spec(
+            format!("file://{}", data.join("alpaca-sample.json").display()),
+            "alpaca-json",
+        ),
+    )
     .expect("alpaca json");
-    let pq = prepare::select_documents(&spec(format!("file://{}", file.display()), "parquet"))
-        .expect("alpaca parquet");
+    let pq = prepare::select_documents(
+        &runtime(),
+        &spec(format!("file://{}", file.display()), "parquet"),
+    )
+    .expect("alpaca parquet");
     assert_eq!(pq.stats.documents_read, records.len() as u64);
     assert_eq!(pq.stats.dropped, json.stats.dropped);
     assert_eq!(pq.train_records, json.train_records);
@@ -177,16 +185,23 @@ fn folders_and_globs_name_every_file_they_read() {
         format!("file://{}", dir.display()),
         format!("file://{}/**/*.jsonl", dir.display()),
     ] {
-        let p = prepare::select_documents(&web_from(&uri, "jsonl", "metadata.url"))
+        let p = prepare::select_documents(&runtime(), &web_from(&uri, "jsonl", "metadata.url"))
             .unwrap_or_else(|e| panic!("{uri}: {e}"));
         assert_eq!(p.stats.documents_read, 697, "{uri}");
-        assert_eq!(p.stats.dropped.get("exactDuplicate"), Some(&9), "{uri}");
+        assert_eq!(
+            p.stats.dropped.get(&DropReason::ExactDuplicate),
+            Some(&9),
+            "{uri}"
+        );
     }
-    let err = prepare::select_documents(&web_from(
-        &format!("file://{}/*.parquet", dir.display()),
-        "jsonl",
-        "metadata.url",
-    ))
+    let err = prepare::select_documents(
+        &runtime(),
+        &web_from(
+            &format!("file://{}/*.parquet", dir.display()),
+            "jsonl",
+            "metadata.url",
+        ),
+    )
     .expect_err("no match");
     assert!(err.to_string().contains("no file matches"), "{err}");
 }
@@ -256,14 +271,17 @@ fn http_downloads_retry_and_resume_where_they_were_cut() {
     let Some(data) = shared() else { return };
     let body = std::fs::read(data.join("webtext-sample.jsonl")).expect("web sample");
     let (port, log) = flaky_server(body, 1_000_000);
-    let p = prepare::select_documents(&web_from(
-        &format!("http://127.0.0.1:{port}/web.jsonl"),
-        "jsonl",
-        "metadata.url",
-    ))
+    let p = prepare::select_documents(
+        &runtime(),
+        &web_from(
+            &format!("http://127.0.0.1:{port}/web.jsonl"),
+            "jsonl",
+            "metadata.url",
+        ),
+    )
     .expect("download");
     assert_eq!(p.stats.documents_read, 697);
-    assert_eq!(p.stats.dropped.get("exactDuplicate"), Some(&9));
+    assert_eq!(p.stats.dropped.get(&DropReason::ExactDuplicate), Some(&9));
     let requests = log.lock().expect("log").clone();
     assert_eq!(
         requests,
@@ -276,13 +294,16 @@ fn http_downloads_retry_and_resume_where_they_were_cut() {
     );
 
     // A missing file is a permanent error that names the URL and the status.
-    let err = prepare::select_documents(&web_from(
-        &format!("http://127.0.0.1:{port}/missing.jsonl"),
-        "jsonl",
-        "metadata.url",
-    ))
+    let err = prepare::select_documents(
+        &runtime(),
+        &web_from(
+            &format!("http://127.0.0.1:{port}/missing.jsonl"),
+            "jsonl",
+            "metadata.url",
+        ),
+    )
     .expect_err("404");
-    assert!(matches!(err, JobError::Data(_)), "{err}");
+    assert!(matches!(err, PrepareError::Data(_)), "{err}");
     assert!(
         err.to_string().contains("/missing.jsonl: HTTP 404"),
         "{err}"

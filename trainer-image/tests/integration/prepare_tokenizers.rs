@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use taper_trainer::{job::JobError, prepare, train::data::TokenDtype};
+use taper_crds::exit::Category;
+use taper_trainer::{prepare, train::data::TokenDtype};
 
 use crate::common::{TempDir, dataset, runtime, shared};
 
 /// A word-level `tokenizer.json` (whitespace split) whose ids for `words` start at
 /// `first_id`; ids below are fillers, `</s>` is 0 and `[UNK]` is 1.
-fn word_level(words: &[String], first_id: usize, eos: &str) -> serde_json::Value {
+pub(crate) fn word_level(words: &[String], first_id: usize, eos: &str) -> serde_json::Value {
     let mut vocab = BTreeMap::new();
     vocab.insert(eos.to_string(), 0);
     vocab.insert("[UNK]".to_string(), 1);
@@ -80,7 +81,9 @@ fn a_hugging_face_tokenizer_with_a_large_vocabulary_writes_uint32_shards() {
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     assert!(ids.iter().any(|&id| id > u32::from(u16::MAX)));
-    let docs = prepare::select_documents(&ds).expect("select").train;
+    let docs = prepare::select_documents(&runtime(), &ds)
+        .expect("select")
+        .train;
     let mut expected = Vec::new();
     for d in &docs {
         expected.extend(d.split_whitespace().map(str::to_string));
@@ -103,6 +106,7 @@ fn a_hugging_face_tokenizer_with_a_large_vocabulary_writes_uint32_shards() {
     let mut bad = ds.clone();
     bad.spec.tokenizer.uri = Some(format!("file://{}", odd.display()));
     let err = prepare::prepare(&rt, &bad).expect_err("no end-of-text token");
-    assert!(matches!(err, JobError::Data(_)), "{err}");
+    assert_eq!(err.category(), Category::InvalidData, "{err}");
+    assert_eq!(err.exit_code(), 3, "{err}");
     assert!(err.to_string().contains("odd.json"), "{err}");
 }

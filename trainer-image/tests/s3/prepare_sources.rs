@@ -3,10 +3,18 @@
 use serde_json::json;
 use taper_e2e::minio::Minio;
 use taper_trainer::{
-    job::JobError,
-    prepare,
+    prepare::{self, PrepareError},
     store::{ObjectStore, S3Settings, S3Store},
 };
+
+/// A runtime for the S3 listings and downloads of a selection.
+fn select_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
 
 use crate::common::{all_rules_off, dataset, shared};
 
@@ -46,13 +54,16 @@ pub fn from_s3(minio: &Minio, rt: &tokio::runtime::Runtime) {
     rt.block_on(store.put("web/nested/part-9.jsonl", b"{\"text\": \"x\"}\n".to_vec()))
         .expect("put");
 
-    let local = prepare::select_documents(&web_from(
-        &format!("file://{}", data.join("webtext-sample.jsonl").display()),
-        &minio.endpoint(),
-    ))
+    let local = prepare::select_documents(
+        &select_runtime(),
+        &web_from(
+            &format!("file://{}", data.join("webtext-sample.jsonl").display()),
+            &minio.endpoint(),
+        ),
+    )
     .expect("local");
     for uri in ["s3://corpus/web/*.jsonl", "s3://corpus/web/part-"] {
-        let p = prepare::select_documents(&web_from(uri, &minio.endpoint()))
+        let p = prepare::select_documents(&select_runtime(), &web_from(uri, &minio.endpoint()))
             .unwrap_or_else(|e| panic!("{uri}: {e}"));
         assert_eq!(p.stats.documents_read, 697, "{uri}");
         assert_eq!(p.stats.dropped, local.stats.dropped, "{uri}");
@@ -61,9 +72,12 @@ pub fn from_s3(minio: &Minio, rt: &tokio::runtime::Runtime) {
     }
 
     // A URI that names nothing is an error that names it.
-    let err = prepare::select_documents(&web_from("s3://corpus/none/*.jsonl", &minio.endpoint()))
-        .expect_err("nothing matches");
-    assert!(matches!(err, JobError::Data(_)), "{err}");
+    let err = prepare::select_documents(
+        &select_runtime(),
+        &web_from("s3://corpus/none/*.jsonl", &minio.endpoint()),
+    )
+    .expect_err("nothing matches");
+    assert!(matches!(err, PrepareError::Data(_)), "{err}");
     assert!(
         err.to_string().contains("s3://corpus/none/*.jsonl"),
         "{err}"
