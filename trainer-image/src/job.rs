@@ -172,7 +172,7 @@ pub fn pretrain(
         let bound = metrics
             .serve(addr)
             .map_err(|e| JobError::Internal(format!("metrics on {addr}: {e}")))?;
-        eprintln!("taper: metrics on http://{bound}/metrics");
+        tracing::info!("metrics on http://{bound}/metrics");
     }
     let eval_interval = training.eval_interval as u64;
     let run = PretrainRun {

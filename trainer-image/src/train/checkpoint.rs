@@ -372,7 +372,9 @@ impl<'a> Checkpointer<'a> {
                     dir: dir.to_string(),
                     manifest,
                 }),
-                Err(e) => eprintln!("taper: ignoring checkpoint {dir}: unreadable manifest: {e}"),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %dir, "ignoring a checkpoint with an unreadable manifest: {e}")
+                }
             }
         }
         out.sort_by_key(|l| l.manifest.step);
@@ -443,7 +445,9 @@ impl<'a> Checkpointer<'a> {
         for listed in self.list().await?.iter().rev() {
             match self.fetch_verified(listed, device).await {
                 Ok(loaded) => return Ok(Some(loaded)),
-                Err(e) => eprintln!("taper: skipping checkpoint {}: {e}", listed.dir),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %listed.dir, "skipping a damaged checkpoint: {e}")
+                }
             }
         }
         Ok(None)
