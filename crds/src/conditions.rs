@@ -100,6 +100,8 @@ pub enum ConditionReason {
     InputsReady,
     /// The pod was created and is waiting to be scheduled or to pull its image.
     PodPending,
+    /// The Job waits in its Kueue queue (`kueue.x-k8s.io/queue-name`) to be admitted.
+    AwaitingAdmission,
     /// The trainer is running.
     Training,
     /// The prepare pod is running.

@@ -8,6 +8,8 @@
 //! | scratch space | an `emptyDir` at [`WORK_MOUNT_PATH`] |
 //! | metrics | container port [`METRICS_PORT`] named [`METRICS_PORT_NAME`], path [`METRICS_PATH`] |
 //! | labels of every metric | `kind`, `namespace`, `name` (see [`metric::LABELS`]) |
+//! | live status | the trainer applies its own resource's `status` figures (server-side apply, field manager [`TRAINER_FIELD_MANAGER`]) with the token, CA and namespace projected at [`API_MOUNT_PATH`] for the job's own ServiceAccount |
+//! | the container | named [`CONTAINER_NAME`]; exit codes as in [`crate::exit`] |
 
 /// Environment variables the trainer reads (each also a command-line flag).
 pub mod env {
@@ -26,7 +28,21 @@ pub mod env {
     pub const SPOOL_DIR: &str = "TAPER_SPOOL_DIR";
     /// Tokens per suffix-array chunk of exact-substring dedup.
     pub const SUBSTRING_CHUNK_TOKENS: &str = "TAPER_SUBSTRING_CHUNK_TOKENS";
+    /// A folder with `token`, `ca.crt` and `namespace` for the API server (the projected
+    /// volume at [`super::API_MOUNT_PATH`]); set, the trainer reports live status to its
+    /// resource. The API server's address comes from `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT`.
+    pub const API_CREDENTIALS: &str = "TAPER_API_CREDENTIALS";
 }
+
+/// Name of the trainer container of every Taper pod.
+pub const CONTAINER_NAME: &str = "trainer";
+/// Where the job ServiceAccount's token, the cluster CA and the namespace are projected.
+pub const API_MOUNT_PATH: &str = "/var/run/secrets/taper/api";
+/// Field manager of the status figures the trainer applies.
+pub const TRAINER_FIELD_MANAGER: &str = "taper-trainer";
+/// Field manager of everything the operator applies.
+pub const OPERATOR_FIELD_MANAGER: &str = "taper-operator";
 
 /// Where the resolved job's ConfigMap is mounted.
 pub const JOB_MOUNT_PATH: &str = "/etc/taper";

@@ -1,0 +1,157 @@
+//! The three kinds' parts of the pipeline: what each references, how it resolves, and
+//! its phase names.
+
+use kube::{Api, Client, ResourceExt};
+use taper_crds::{
+    Dataset, FinetuneJob, PretrainJob,
+    conditions::{Condition, ConditionReason},
+};
+
+use super::TaperKind;
+use crate::{
+    config::Config,
+    lifecycle::State,
+    plan::{self, Inputs, Readiness},
+};
+
+fn job_phase(state: State) -> &'static str {
+    match state {
+        State::Pending => "Pending",
+        State::Running => "Running",
+        State::Suspended => "Suspended",
+        State::Succeeded => "Succeeded",
+        State::Failed => "Failed",
+    }
+}
+
+fn phase_name<T: serde::Serialize>(phase: &T) -> String {
+    serde_json::to_value(phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn dataset(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Dataset>, kube::Error> {
+    Api::<Dataset>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+}
+
+impl TaperKind for Dataset {
+    const COMMAND: &'static str = "prepare";
+    const PLURAL: &'static str = "datasets";
+    const SUSPENDABLE: bool = false;
+    const HAS_INPUTS: bool = false;
+    const RUNNING: ConditionReason = ConditionReason::Preparing;
+    const DONE: ConditionReason = ConditionReason::Published;
+
+    async fn dereference(&self, _client: &Client) -> Result<Inputs, kube::Error> {
+        Ok(Inputs::default())
+    }
+
+    fn plan(&self, _inputs: &Inputs, cfg: &Config) -> Readiness {
+        plan::plan_dataset(self, cfg)
+    }
+
+    fn phase(state: State) -> &'static str {
+        match state {
+            State::Pending | State::Suspended => "Pending",
+            State::Running => "Preparing",
+            State::Succeeded => "Ready",
+            State::Failed => "Failed",
+        }
+    }
+
+    fn current(&self) -> (String, Vec<Condition>) {
+        let s = self.status.clone().unwrap_or_default();
+        (phase_name(&s.phase), s.conditions)
+    }
+}
+
+impl TaperKind for PretrainJob {
+    const COMMAND: &'static str = "pretrain";
+    const PLURAL: &'static str = "pretrainjobs";
+    const SUSPENDABLE: bool = true;
+    const HAS_INPUTS: bool = true;
+    const RUNNING: ConditionReason = ConditionReason::Training;
+    const DONE: ConditionReason = ConditionReason::MaxStepsReached;
+
+    async fn dereference(&self, client: &Client) -> Result<Inputs, kube::Error> {
+        let ns = self.namespace().unwrap_or_default();
+        Ok(Inputs {
+            dataset: dataset(client, &ns, &self.spec.dataset_ref.name).await?,
+            base: None,
+        })
+    }
+
+    fn plan(&self, inputs: &Inputs, cfg: &Config) -> Readiness {
+        plan::plan_pretrain(self, inputs, cfg)
+    }
+
+    fn phase(state: State) -> &'static str {
+        job_phase(state)
+    }
+
+    fn current(&self) -> (String, Vec<Condition>) {
+        let s = self.status.clone().unwrap_or_default();
+        (phase_name(&s.phase), s.conditions)
+    }
+
+    fn suspended(&self) -> bool {
+        self.spec.run.suspend
+    }
+
+    fn stopped_early(&self) -> bool {
+        let max = self.spec.resolved_training().max_steps;
+        self.status
+            .as_ref()
+            .and_then(|s| s.step)
+            .is_some_and(|step| step < max)
+    }
+}
+
+impl TaperKind for FinetuneJob {
+    const COMMAND: &'static str = "finetune";
+    const PLURAL: &'static str = "finetunejobs";
+    const SUSPENDABLE: bool = true;
+    const HAS_INPUTS: bool = true;
+    const RUNNING: ConditionReason = ConditionReason::Training;
+    const DONE: ConditionReason = ConditionReason::MaxStepsReached;
+
+    async fn dereference(&self, client: &Client) -> Result<Inputs, kube::Error> {
+        let ns = self.namespace().unwrap_or_default();
+        let base = match &self.spec.base_model.pretrain_job_ref {
+            Some(r) => {
+                Api::<PretrainJob>::namespaced(client.clone(), &ns)
+                    .get_opt(&r.name)
+                    .await?
+            }
+            None => None,
+        };
+        Ok(Inputs {
+            dataset: dataset(client, &ns, &self.spec.dataset_ref.name).await?,
+            base,
+        })
+    }
+
+    fn plan(&self, inputs: &Inputs, cfg: &Config) -> Readiness {
+        plan::plan_finetune(self, inputs, cfg)
+    }
+
+    fn phase(state: State) -> &'static str {
+        job_phase(state)
+    }
+
+    fn current(&self) -> (String, Vec<Condition>) {
+        let s = self.status.clone().unwrap_or_default().job;
+        (phase_name(&s.phase), s.conditions)
+    }
+
+    fn suspended(&self) -> bool {
+        self.spec.run.suspend
+    }
+}

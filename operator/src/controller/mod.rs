@@ -1,0 +1,491 @@
+//! The reconcile pipeline, written once for the three kinds: *dereference* (read the
+//! referenced objects) → *validate and resolve* ([`crate::plan`], pure) → *build*
+//! ([`crate::build`], pure) → *apply* (server-side apply, one field manager) → *status*
+//! ([`crate::lifecycle`], pure, then applied to the status subresource). Each kind
+//! supplies only what differs ([`TaperKind`], in [`kinds`]).
+
+use std::{fmt::Debug, future::Future, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{
+        batch::v1::Job,
+        core::v1::{ConfigMap, Pod, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use taper_crds::{
+    conditions::{Condition, ConditionReason, ConditionStatus, ConditionType, set_condition},
+    pod,
+};
+
+use crate::{
+    build::{self, Owner, Plan},
+    config::Config,
+    lifecycle::{self, Decision, Observation, State},
+    metrics::Metrics,
+    plan::{Inputs, Readiness},
+};
+
+pub mod kinds;
+
+/// How often a resource is looked at again without any change (a safety net: Job and
+/// referenced-object changes trigger reconciles through watches).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a resource waiting for an input is looked at again.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// The job file could not be written.
+    #[error("job file: {0}")]
+    JobFile(#[from] serde_yaml::Error),
+    /// A status could not be serialised.
+    #[error("status: {0}")]
+    Status(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A bounded category, for the error metric's label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Self::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Self::Kube(kube::Error::Api(s)) if s.code == 422 => "invalid",
+            Self::Kube(kube::Error::Api(_)) => "api",
+            Self::Kube(_) => "transport",
+            Self::JobFile(_) | Self::Status(_) => "serialization",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Ctx {
+    /// The API client.
+    pub client: Client,
+    /// The configuration.
+    pub cfg: Config,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+}
+
+impl Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+/// The status fields the operator owns, as it applies them. The trainer owns the live
+/// figures (with its own field manager); neither overwrites the other's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorStatus {
+    /// The kind's phase name.
+    pub phase: String,
+    /// The conditions.
+    pub conditions: Vec<Condition>,
+    /// The generation acted on.
+    pub observed_generation: Option<i64>,
+    /// Counted pod failures (jobs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<i32>,
+    /// The current trainer pod (jobs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// When the first pod started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the resource finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+}
+
+/// What differs between the three kinds.
+pub trait TaperKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// The trainer subcommand (and the suffix of every child's name).
+    const COMMAND: &'static str;
+    /// The plural, for RBAC rules.
+    const PLURAL: &'static str;
+    /// Whether `spec.suspend` exists (PretrainJob, FinetuneJob).
+    const SUSPENDABLE: bool;
+    /// Whether the kind references other objects (an `InputsReady` condition).
+    const HAS_INPUTS: bool;
+    /// The reason of a running pod.
+    const RUNNING: ConditionReason;
+    /// The reason of success.
+    const DONE: ConditionReason;
+
+    /// Read the referenced objects.
+    fn dereference(
+        &self,
+        client: &Client,
+    ) -> impl Future<Output = Result<Inputs, kube::Error>> + Send;
+    /// Validate and resolve (pure).
+    fn plan(&self, inputs: &Inputs, cfg: &Config) -> Readiness;
+    /// The phase name of `state`.
+    fn phase(state: State) -> &'static str;
+    /// The current phase name and conditions.
+    fn current(&self) -> (String, Vec<Condition>);
+    /// Whether `spec.suspend` is true.
+    fn suspended(&self) -> bool {
+        false
+    }
+    /// Whether a finished run stopped before `maxSteps` (from the trainer's figures).
+    fn stopped_early(&self) -> bool {
+        false
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// The resource's identity for the builders.
+pub fn owner<K: TaperKind>(obj: &K) -> Owner {
+    Owner {
+        kind: kind_name::<K>(),
+        plural: K::PLURAL,
+        name: obj.name_any(),
+        namespace: obj.namespace().unwrap_or_default(),
+        reference: obj.controller_owner_ref(&()).unwrap_or_default(),
+        labels: obj.labels().clone(),
+    }
+}
+
+fn kind_name<K: TaperKind>() -> &'static str {
+    match K::COMMAND {
+        "prepare" => "Dataset",
+        "pretrain" => "PretrainJob",
+        _ => "FinetuneJob",
+    }
+}
+
+/// Server-side apply of `obj` with the operator's field manager.
+async fn apply<T>(client: &Client, namespace: &str, obj: &T) -> Result<T, Error>
+where
+    T: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api: Api<T> = Api::namespaced(client.clone(), namespace);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let params = PatchParams::apply(pod::OPERATOR_FIELD_MANAGER).force();
+    let mut body = serde_json::to_value(obj)?;
+    if let Some(map) = body.as_object_mut() {
+        map.insert("apiVersion".into(), T::api_version(&()).into());
+        map.insert("kind".into(), T::kind(&()).into());
+    }
+    Ok(api.patch(&name, &params, &Patch::Apply(&body)).await?)
+}
+
+/// Apply every object of `plan`; returns the Job as the API server has it.
+async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<Job, Error> {
+    let ns = &owner.namespace;
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let exists = jobs
+        .get_opt(&owner.child_name(plan.command))
+        .await?
+        .is_some();
+    apply::<ServiceAccount>(
+        &ctx.client,
+        ns,
+        &build::rbac::service_account(owner, plan.command),
+    )
+    .await?;
+    apply::<Role>(&ctx.client, ns, &build::rbac::role(owner, plan.command)).await?;
+    apply::<RoleBinding>(
+        &ctx.client,
+        ns,
+        &build::rbac::role_binding(owner, plan.command),
+    )
+    .await?;
+    apply::<ConfigMap>(
+        &ctx.client,
+        ns,
+        &build::config_map::config_map(owner, plan)?,
+    )
+    .await?;
+    apply::<Job>(
+        &ctx.client,
+        ns,
+        &build::job::job(owner, plan, &ctx.cfg, exists),
+    )
+    .await
+}
+
+/// The exit code and last words of the Job's most recent failed trainer pod, and the
+/// name of its live pod.
+async fn pods_of(
+    ctx: &Ctx,
+    owner: &Owner,
+    job: &str,
+) -> Result<(Option<(i32, String)>, Option<String>), Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+        .await?;
+    let mut failed: Option<(Time, i32, String)> = None;
+    let mut live = None;
+    for p in &list.items {
+        let status = p.status.clone().unwrap_or_default();
+        let phase = status.phase.clone().unwrap_or_default();
+        if (phase == "Running" || phase == "Pending") && p.metadata.deletion_timestamp.is_none() {
+            live = p.metadata.name.clone();
+        }
+        for cs in status.container_statuses.unwrap_or_default() {
+            if cs.name != pod::CONTAINER_NAME {
+                continue;
+            }
+            if let Some(t) = cs.state.and_then(|s| s.terminated)
+                && t.exit_code != 0
+            {
+                let at = t.finished_at.clone().unwrap_or_else(now);
+                if failed.as_ref().is_none_or(|(f, _, _)| at.0 > f.0) {
+                    failed = Some((at, t.exit_code, t.message.unwrap_or_default()));
+                }
+            }
+        }
+    }
+    Ok((failed.map(|(_, c, m)| (c, m)), live))
+}
+
+/// Apply `status` to the resource's status subresource.
+async fn apply_status<K: TaperKind>(
+    ctx: &Ctx,
+    obj: &K,
+    status: &OperatorStatus,
+) -> Result<(), Error> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": obj.name_any()},
+        "status": status,
+    });
+    let params = PatchParams::apply(pod::OPERATOR_FIELD_MANAGER).force();
+    api.patch_status(&obj.name_any(), &params, &Patch::Apply(&body))
+        .await?;
+    Ok(())
+}
+
+/// Conditions after setting each of `new` on `current` (transition times kept when a
+/// status did not change).
+fn merge(current: &[Condition], new: Vec<Condition>, generation: Option<i64>) -> Vec<Condition> {
+    let mut out = current.to_vec();
+    let at = now();
+    for mut c in new {
+        c.observed_generation = generation;
+        set_condition(&mut out, c, at.clone());
+    }
+    out
+}
+
+/// Publish an Event on `obj` (failures to publish are logged, never fatal).
+async fn event<K: TaperKind>(ctx: &Ctx, obj: &K, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+}
+
+/// The Event reason of a move from `from` to `to`.
+fn transition(from: &str, to: State, reason: ConditionReason) -> Option<&'static str> {
+    let name = match (to, reason) {
+        (State::Running, _) if from == "Suspended" => "Resumed",
+        (State::Running, _) => "Started",
+        (State::Pending, ConditionReason::PodRestarting) => "Retrying",
+        (State::Suspended, _) => "Suspended",
+        (State::Succeeded, _) => "Succeeded",
+        (State::Failed, _) => "Failed",
+        (State::Pending, _) => return None,
+    };
+    Some(name)
+}
+
+/// One reconcile of `obj`.
+pub async fn reconcile<K: TaperKind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let kind = kind_name::<K>();
+    ctx.metrics.reconciliations.with_label_values(&[kind]).inc();
+    let timer = ctx
+        .metrics
+        .duration
+        .with_label_values(&[kind])
+        .start_timer();
+    let result = reconcile_inner(&*obj, &ctx).await;
+    timer.observe_duration();
+    if let Err(e) = &result {
+        ctx.metrics
+            .errors
+            .with_label_values(&[kind, e.category()])
+            .inc();
+    }
+    result
+}
+
+async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Error> {
+    if obj.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let generation = obj.meta().generation;
+    let (phase, current) = obj.current();
+    let inputs = obj.dereference(&ctx.client).await?;
+    let inputs_condition = |status, reason, message: &str| {
+        Condition::new(ConditionType::InputsReady, status, reason, message)
+    };
+    let (plan, mut new_conditions) = match obj.plan(&inputs, &ctx.cfg) {
+        Readiness::Ready(plan) => {
+            let plan = *plan;
+            let c = K::HAS_INPUTS.then(|| {
+                inputs_condition(
+                    ConditionStatus::True,
+                    ConditionReason::InputsReady,
+                    "every input is Ready",
+                )
+            });
+            (plan, c.into_iter().collect::<Vec<_>>())
+        }
+        Readiness::Waiting(reason, message) => {
+            let mut conds = vec![Condition::new(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                reason,
+                message.clone(),
+            )];
+            if K::HAS_INPUTS {
+                conds.push(inputs_condition(ConditionStatus::False, reason, &message));
+            }
+            let status = OperatorStatus {
+                phase: K::phase(State::Pending).into(),
+                conditions: merge(&current, conds, generation),
+                observed_generation: generation,
+                ..OperatorStatus::default()
+            };
+            apply_status(ctx, obj, &status).await?;
+            if phase != K::phase(State::Pending) || current.is_empty() {
+                event(ctx, obj, EventType::Normal, "Waiting", message).await;
+            }
+            return Ok(Action::requeue(WAIT));
+        }
+        Readiness::Invalid(reason, message) => {
+            let conds = vec![
+                Condition::new(
+                    ConditionType::Ready,
+                    ConditionStatus::False,
+                    reason,
+                    message.clone(),
+                ),
+                Condition::new(
+                    ConditionType::Failed,
+                    ConditionStatus::True,
+                    reason,
+                    message.clone(),
+                ),
+            ];
+            let status = OperatorStatus {
+                phase: K::phase(State::Failed).into(),
+                conditions: merge(&current, conds, generation),
+                observed_generation: generation,
+                completion_time: Some(now()),
+                ..OperatorStatus::default()
+            };
+            apply_status(ctx, obj, &status).await?;
+            if phase != K::phase(State::Failed) {
+                event(ctx, obj, EventType::Warning, "Failed", message).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let owner = owner(obj);
+    let first = current.is_empty();
+    let job = apply_plan(ctx, &owner, &plan).await?;
+    if first {
+        event(
+            ctx,
+            obj,
+            EventType::Normal,
+            "Created",
+            format!("created Job {}", owner.child_name(plan.command)),
+        )
+        .await;
+    }
+    let job_name = owner.child_name(plan.command);
+    let job_status = job.status.clone();
+    let failed_job = job_status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
+    let (failed_pod, live_pod) = pods_of(ctx, &owner, &job_name).await?;
+    let observation = Observation {
+        job: job_status,
+        job_suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+        resource_suspended: obj.suspended(),
+        queue: owner.queue().map(str::to_string),
+        failed_pod: if failed_job { failed_pod } else { None },
+        stopped_early: obj.stopped_early(),
+    };
+    let d: Decision = lifecycle::decide(&observation, K::RUNNING, K::DONE);
+    new_conditions.extend(lifecycle::conditions(&d, K::SUSPENDABLE));
+    let status = OperatorStatus {
+        phase: K::phase(d.state).into(),
+        conditions: merge(&current, new_conditions, generation),
+        observed_generation: generation,
+        restarts: K::SUSPENDABLE.then_some(d.restarts),
+        pod_name: if K::SUSPENDABLE { live_pod } else { None },
+        start_time: d.start_time.clone(),
+        completion_time: d.completion_time.clone(),
+    };
+    apply_status(ctx, obj, &status).await?;
+    if phase != K::phase(d.state)
+        && let Some(reason) = transition(&phase, d.state, d.reason)
+    {
+        let type_ = if d.state == State::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        event(ctx, obj, type_, reason, d.message.clone()).await;
+    }
+    Ok(match d.state {
+        State::Succeeded | State::Failed => Action::await_change(),
+        _ => Action::requeue(RESYNC),
+    })
+}
+
+/// Back off after an error.
+pub fn error_policy<K: TaperKind>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(kind = kind_name::<K>(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}

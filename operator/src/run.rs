@@ -1,0 +1,237 @@
+//! Running the controllers: one per kind (and per watched namespace), each watching its
+//! resources, the Jobs it owns and the objects its resources reference; a gauge of
+//! resources per phase; and leader election on a Lease, so that only one replica
+//! reconciles.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{FutureExt, StreamExt, future::join_all};
+use k8s_openapi::api::batch::v1::Job;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{
+        Controller,
+        controller::Config as ControllerConfig,
+        events::{Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use taper_crds::{Dataset, FinetuneJob, PretrainJob};
+
+use crate::{
+    config::Config,
+    controller::{Ctx, TaperKind, error_policy, reconcile},
+    metrics::Metrics,
+};
+
+fn apis<K>(client: &Client, namespaces: &Option<Vec<String>>) -> Vec<Api<K>>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespaces {
+        None => vec![Api::all(client.clone())],
+        Some(list) => list
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect(),
+    }
+}
+
+fn owned_jobs() -> watcher::Config {
+    watcher::Config::default().labels("app.kubernetes.io/managed-by=taper-operator")
+}
+
+/// Count the resources of `store` per phase into the `taper_jobs` gauge.
+fn count<K: TaperKind>(metrics: &Metrics, kind: &str, stores: &[Store<K>]) {
+    let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+    for store in stores {
+        for obj in store.state() {
+            *counts.entry(obj.current().0).or_default() += 1;
+        }
+    }
+    for phase in [
+        "Pending",
+        "Preparing",
+        "Running",
+        "Suspended",
+        "Ready",
+        "Succeeded",
+        "Failed",
+    ] {
+        metrics
+            .jobs
+            .with_label_values(&[kind, phase])
+            .set(counts.get(phase).copied().unwrap_or(0));
+    }
+}
+
+/// Run every controller until shutdown (SIGTERM or Ctrl-C).
+pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
+    let reporter = Reporter {
+        controller: "taper-operator".into(),
+        instance: (!cfg.identity.is_empty()).then(|| cfg.identity.clone()),
+    };
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+        cfg: cfg.clone(),
+    });
+    let namespaces = cfg.namespaces();
+    let controller_config = ControllerConfig::default().concurrency(cfg.reconcile_concurrency);
+    let mut tasks = Vec::new();
+    let mut dataset_stores = Vec::new();
+    let mut pretrain_stores = Vec::new();
+    let mut finetune_stores = Vec::new();
+
+    for (api, jobs, datasets, pretrains) in apis::<Dataset>(&client, &namespaces)
+        .into_iter()
+        .zip(apis::<Job>(&client, &namespaces))
+        .zip(apis::<Dataset>(&client, &namespaces))
+        .zip(apis::<PretrainJob>(&client, &namespaces))
+        .map(|(((a, j), d), p)| (a, j, d, p))
+    {
+        let c = Controller::new(api, watcher::Config::default())
+            .owns(jobs.clone(), owned_jobs())
+            .with_config(controller_config.clone());
+        dataset_stores.push(c.store());
+        tasks.push(
+            c.shutdown_on_signal()
+                .run(reconcile::<Dataset>, error_policy::<Dataset>, ctx.clone())
+                .for_each(|_| async {})
+                .boxed(),
+        );
+
+        // PretrainJobs: also woken when their Dataset changes.
+        let c = Controller::new(pretrains.clone(), watcher::Config::default())
+            .owns(jobs.clone(), owned_jobs())
+            .with_config(controller_config.clone());
+        let store = c.store();
+        pretrain_stores.push(store.clone());
+        let c = c.watches(
+            datasets.clone(),
+            watcher::Config::default(),
+            move |ds: Dataset| {
+                refs(&store, &ds, |pj: &PretrainJob| {
+                    pj.spec.dataset_ref.name == ds.name_any()
+                })
+            },
+        );
+        tasks.push(
+            c.shutdown_on_signal()
+                .run(
+                    reconcile::<PretrainJob>,
+                    error_policy::<PretrainJob>,
+                    ctx.clone(),
+                )
+                .for_each(|_| async {})
+                .boxed(),
+        );
+
+        // FinetuneJobs: woken by their Dataset and their base PretrainJob.
+        let ns_api: Api<FinetuneJob> = match &namespaces {
+            None => Api::all(client.clone()),
+            Some(_) => Api::namespaced(client.clone(), &datasets_namespace(&datasets)),
+        };
+        let c = Controller::new(ns_api, watcher::Config::default())
+            .owns(jobs, owned_jobs())
+            .with_config(controller_config.clone());
+        let store = c.store();
+        finetune_stores.push(store.clone());
+        let by_dataset = store.clone();
+        let c = c
+            .watches(datasets, watcher::Config::default(), move |ds: Dataset| {
+                refs(&by_dataset, &ds, |fj: &FinetuneJob| {
+                    fj.spec.dataset_ref.name == ds.name_any()
+                })
+            })
+            .watches(
+                pretrains,
+                watcher::Config::default(),
+                move |pj: PretrainJob| {
+                    refs(&store, &pj, |fj: &FinetuneJob| {
+                        fj.spec
+                            .base_model
+                            .pretrain_job_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == pj.name_any())
+                    })
+                },
+            );
+        tasks.push(
+            c.shutdown_on_signal()
+                .run(
+                    reconcile::<FinetuneJob>,
+                    error_policy::<FinetuneJob>,
+                    ctx.clone(),
+                )
+                .for_each(|_| async {})
+                .boxed(),
+        );
+    }
+
+    let gauge = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            count(&metrics, "Dataset", &dataset_stores);
+            count(&metrics, "PretrainJob", &pretrain_stores);
+            count(&metrics, "FinetuneJob", &finetune_stores);
+        }
+    });
+    join_all(tasks).await;
+    gauge.abort();
+}
+
+/// The namespace a namespaced Api was made for (all controllers of one loop share it).
+fn datasets_namespace(api: &Api<Dataset>) -> String {
+    api.resource_url()
+        .split("/namespaces/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The resources in `store`, in `changed`'s namespace, for which `refers` holds.
+fn refs<K, O>(store: &Store<K>, changed: &O, refers: impl Fn(&K) -> bool) -> Vec<ObjectRef<K>>
+where
+    K: TaperKind,
+    O: kube::Resource,
+{
+    let ns = changed.meta().namespace.clone();
+    store
+        .state()
+        .into_iter()
+        .filter(|k| k.meta().namespace == ns && refers(k))
+        .map(|k| ObjectRef::from_obj(&*k))
+        .collect()
+}
+
+/// Wait until this replica leads (on the configured Lease), returning a receiver that
+/// turns false if leadership is lost.
+pub async fn lead(
+    client: Client,
+    cfg: &Config,
+) -> Result<tokio::sync::watch::Receiver<bool>, kube_lease_manager::LeaseManagerError> {
+    let identity = if cfg.identity.is_empty() {
+        format!("taper-operator-{}", std::process::id())
+    } else {
+        cfg.identity.clone()
+    };
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, &cfg.lease_name)
+        .with_namespace(&cfg.lease_namespace)
+        .with_identity(identity)
+        .with_duration(cfg.lease_seconds)
+        .with_grace(5)
+        .with_field_manager(taper_crds::pod::OPERATOR_FIELD_MANAGER)
+        .build()
+        .await?;
+    let (mut rx, _task) = manager.watch().await;
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    Ok(rx)
+}
