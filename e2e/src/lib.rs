@@ -49,3 +49,15 @@ pub fn taper_bin() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"));
     target.join("debug").join("taper")
 }
+
+/// The locally built `taper-operator` binary: `$TAPER_OPERATOR_BIN`, or `taper-operator`
+/// in the Cargo target folder's debug profile (`cargo test --workspace` builds it).
+pub fn operator_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TAPER_OPERATOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join("taper-operator")
+}

@@ -16,7 +16,10 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // kube's rustls client needs a process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match operate(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -197,6 +197,22 @@ pub fn pretrain(
         stop: opts.stop,
         metrics: Some(&metrics),
         stop_after: opts.stop_after,
+        events: None,
     };
-    Ok(pretrain::run(rt, run)?)
+    // Live status to the PretrainJob when the pod has API credentials.
+    let Some(target) = crate::status::Target::from_env(rt, "PretrainJob", &name) else {
+        return Ok(pretrain::run(rt, run)?);
+    };
+    let reporter = crate::status::JobReporter::start(rt, target);
+    let sink = reporter.sink();
+    let outcome = pretrain::run(
+        rt,
+        PretrainRun {
+            events: Some(pretrain::EventSink(&sink)),
+            ..run
+        },
+    );
+    drop(sink);
+    reporter.finish(rt);
+    Ok(outcome?)
 }

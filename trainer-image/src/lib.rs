@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod prepare;
 pub mod quickstart;
+pub mod status;
 pub mod store;
 pub mod tokenizer;
 pub mod train;

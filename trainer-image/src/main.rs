@@ -245,6 +245,13 @@ fn run(cli: Cli) -> Result<u8, JobError> {
                 return Ok(exit::SUCCESS);
             }
             let report = prepare::prepare_with(&rt, ds, &options)?;
+            if let Some(target) = taper_trainer::status::Target::from_env(
+                &rt,
+                "Dataset",
+                ds.metadata.name.as_deref().unwrap_or_default(),
+            ) {
+                target.report_dataset(&rt, &report);
+            }
             // The report as one JSON line on stdout for the operator; a table for people
             // on stderr.
             println!("{}", serde_json::to_string(&report).unwrap_or_default());

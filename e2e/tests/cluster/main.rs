@@ -15,6 +15,7 @@ mod cel_cases;
 
 mod cel;
 mod crds;
+mod operator;
 mod pods;
 mod support;
 mod trainer;
@@ -87,7 +88,15 @@ async fn control_plane_suite() {
             .client("system:kube-scheduler")
             .await
             .expect("scheduler client"),
-        RunnerOptions::new(cluster::NODE_NAME, taper.clone(), work.clone()),
+        RunnerOptions {
+            // Pods reach the API server as in a cluster, through KUBERNETES_SERVICE_*.
+            api_host_port: plane
+                .server()
+                .trim_start_matches("https://")
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?))),
+            ..RunnerOptions::new(cluster::NODE_NAME, taper.clone(), work.clone())
+        },
     )
     .await
     .expect("pod runner starts");
@@ -172,6 +181,50 @@ async fn control_plane_suite() {
     })
     .await
     .expect("trainer pod checks");
+
+    step(
+        "the operator, as the chart's ServiceAccount: a Dataset and a PretrainJob run to completion through Jobs",
+    );
+    let minio = taper_e2e::minio::Minio::start().expect("MinIO starts");
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .endpoint_url(minio.endpoint())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                taper_e2e::minio::ACCESS_KEY,
+                taper_e2e::minio::SECRET_KEY,
+                None,
+                None,
+                "e2e",
+            ))
+            .force_path_style(true)
+            .behavior_version_latest()
+            .build(),
+    );
+    s3.create_bucket()
+        .bucket("taper")
+        .send()
+        .await
+        .expect("bucket taper");
+    let setup = operator::Setup {
+        admin: kubeconfig.clone(),
+        operator: plane.kubeconfig_path_for(&cluster::service_account_user(
+            "taper-system",
+            "taper-operator",
+        )),
+        work: plane.dir().join("operator"),
+        s3_endpoint: minio.endpoint(),
+        pod_logs: runner
+            .log_path("ml", "x", "y")
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    std::fs::create_dir_all(&setup.work).expect("operator work dir");
+    tokio::task::spawn_blocking(move || operator::operator_checks(&setup))
+        .await
+        .expect("operator checks");
+    drop(minio);
 
     step("stop everything; no component process is left");
     runner.shutdown().await;

@@ -87,7 +87,9 @@ pub struct Ctx {
 
 impl Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Ctx")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -205,8 +207,9 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(&body)).await?)
 }
 
-/// Apply every object of `plan`; returns the Job as the API server has it.
-async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<Job, Error> {
+/// Apply every object of `plan`; returns the Job as the API server has it, and whether
+/// this apply created it.
+async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<(Job, bool), Error> {
     let ns = &owner.namespace;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let exists = jobs
@@ -232,12 +235,13 @@ async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<Job, Error>
         &build::config_map::config_map(owner, plan)?,
     )
     .await?;
-    apply::<Job>(
+    let job = apply::<Job>(
         &ctx.client,
         ns,
         &build::job::job(owner, plan, &ctx.cfg, exists),
     )
-    .await
+    .await?;
+    Ok((job, !exists))
 }
 
 /// The exit code and last words of the Job's most recent failed trainer pod, and the
@@ -429,9 +433,8 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
         }
     };
     let owner = owner(obj);
-    let first = current.is_empty();
-    let job = apply_plan(ctx, &owner, &plan).await?;
-    if first {
+    let (job, created) = apply_plan(ctx, &owner, &plan).await?;
+    if created {
         event(
             ctx,
             obj,

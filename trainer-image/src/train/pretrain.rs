@@ -82,6 +82,18 @@ pub struct PretrainRun<'a> {
     pub metrics: Option<&'a Metrics>,
     /// Stop after this step even if `maxSteps` is later (for tests and demos).
     pub stop_after: Option<u64>,
+    /// Also given every progress event (the live status reporter).
+    pub events: Option<EventSink<'a>>,
+}
+
+/// A receiver of progress events besides stdout.
+#[derive(Clone, Copy)]
+pub struct EventSink<'a>(pub &'a (dyn Fn(&ProgressEvent) + Sync));
+
+impl std::fmt::Debug for EventSink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 /// How a run ended.
@@ -141,11 +153,16 @@ fn finish_upload(upload: &mut Option<Upload<'_>>) -> Result<(), PretrainError> {
     }
 }
 
-/// One line of machine-readable progress (JSON on stdout), read by the operator.
-fn emit(event: ProgressEvent) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", event.to_line());
-    let _ = out.flush();
+/// One line of machine-readable progress (JSON on stdout), also given to `sink`.
+fn emit_to(sink: Option<EventSink<'_>>, event: ProgressEvent) {
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", event.to_line());
+        let _ = out.flush();
+    }
+    if let Some(EventSink(sink)) = sink {
+        sink(&event);
+    }
 }
 
 impl Outcome {
@@ -225,6 +242,8 @@ impl Tracker {
 /// [`ProgressEvent`] each: `started`, then `step`, `eval`, `checkpoint` and
 /// `nonFiniteLoss` as they happen, and a final `done`.
 pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome, PretrainError> {
+    let sink = run.events;
+    let emit = |event: ProgressEvent| emit_to(sink, event);
     let ckpt = Checkpointer::new(run.store, run.staging.clone());
     let params = init_params(&run.model, run.training.seed as u64, &run.device)?;
     let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;

@@ -30,6 +30,7 @@ fn run_job(
         PretrainRun {
             checkpoint_interval: interval,
             stop_after,
+            events: None,
             ..tiny_run(
                 &manifest,
                 &train,

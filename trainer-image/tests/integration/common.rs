@@ -156,6 +156,7 @@ pub fn tiny_run<'a>(
         stop: Arc::new(AtomicBool::new(false)),
         metrics: None,
         stop_after: None,
+        events: None,
     }
 }
 

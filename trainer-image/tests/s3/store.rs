@@ -127,6 +127,7 @@ fn s3_store_against_minio() {
             PretrainRun {
                 overfitting: Default::default(),
                 stop_after,
+                events: None,
                 ..tiny_run(
                     &manifest,
                     &train,

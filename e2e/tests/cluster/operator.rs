@@ -1,0 +1,358 @@
+//! The operator end to end, authenticated as the chart's ServiceAccount with the chart's
+//! RBAC (rendered by `helm template`, never as admin): a Dataset and a PretrainJob run to
+//! `Ready`/`Succeeded` through the Job controller and the pod runner, with shards and
+//! checkpoints in MinIO and the live figures in status; a missing reference and a
+//! permanently failing Dataset end with conditions that name the cause; a restarted
+//! operator creates nothing twice.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::{Value, json};
+use taper_e2e::process::Proc;
+
+use crate::support::{eventually_or, kubectl, ok, wait_for_default_service_account};
+
+/// Where the operator runs and what it talks to.
+pub(crate) struct Setup {
+    /// The admin kubeconfig (for the test's own checks).
+    pub admin: PathBuf,
+    /// The kubeconfig of `system:serviceaccount:taper-system:taper-operator`.
+    pub operator: PathBuf,
+    /// A folder for logs and the corpus.
+    pub work: PathBuf,
+    /// MinIO's endpoint, with a bucket `taper`.
+    pub s3_endpoint: String,
+    /// The pod runner's container logs (`<namespace>_<pod>_<container>.log`).
+    pub pod_logs: PathBuf,
+}
+
+/// The logs of the trainer containers in namespace `ml`, for failure messages.
+fn pod_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("ml_") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("== {name}\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn get(kubeconfig: &Path, args: &[&str]) -> Option<Value> {
+    let out = kubectl(kubeconfig, args, None);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn resource(kc: &Path, kind: &str, name: &str) -> Option<Value> {
+    get(
+        kc,
+        &[
+            "get",
+            kind,
+            "-n",
+            "ml",
+            name,
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+    )
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn start_operator(s: &Setup, log: &str) -> Proc {
+    let bin = taper_e2e::operator_bin();
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo test --workspace builds it",
+        bin.display()
+    );
+    let port = |_| taper_e2e::minio::free_port().expect("port");
+    let mut cmd = Command::new(bin);
+    cmd.env("KUBECONFIG", &s.operator)
+        .env("TAPER_WATCH_NAMESPACES", "")
+        .env(
+            "TAPER_TRAINER_IMAGE",
+            "ghcr.io/taper-dev/taper-trainer:0.1.0",
+        )
+        .env("TAPER_DEFAULT_OUTPUT_URI", "s3://taper")
+        .env("TAPER_S3_ENDPOINT", &s.s3_endpoint)
+        .env("TAPER_S3_REGION", "us-east-1")
+        .env("TAPER_S3_CREDENTIALS_SECRET", "s3")
+        .env("TAPER_LEADER_ELECTION", "true")
+        .env("POD_NAMESPACE", "taper-system")
+        .env("POD_NAME", log)
+        .env("TAPER_METRICS_ADDR", format!("127.0.0.1:{}", port(0)))
+        .env("TAPER_HEALTH_ADDR", format!("127.0.0.1:{}", port(1)))
+        .env("TAPER_TRAINER_GRACE_SECONDS", "60")
+        .env("RUST_LOG", "info");
+    Proc::spawn("taper-operator", cmd, &s.work.join(format!("{log}.log"))).expect("operator starts")
+}
+
+/// The chart's ServiceAccount and RBAC, rendered by helm and applied by the admin.
+fn install_rbac(s: &Setup) {
+    let helm = taper_e2e::minio::tools_dir().join("helm");
+    let out = Command::new(&helm)
+        .args(["template", "taper"])
+        .arg(taper_e2e::workspace_root().join("charts/taper"))
+        .args(["--namespace", "taper-system"])
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut items = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "taper-system"}}),
+    ];
+    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML");
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ]
+        .contains(&kind)
+        {
+            items.push(v);
+        }
+    }
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(&list.to_string())),
+        "the chart's RBAC",
+    );
+}
+
+pub(crate) fn operator_checks(s: &Setup) {
+    install_rbac(s);
+    let corpus = s.work.join("words.txt");
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!(
+            "Paragraph {i}: the operator builds a Job, and the Job runs pod number {i} which trains.\n\n"
+        ));
+    }
+    std::fs::write(&corpus, text).expect("corpus");
+    let setup = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml",
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "ml"},
+            "stringData": {"AWS_ACCESS_KEY_ID": taper_e2e::minio::ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": taper_e2e::minio::SECRET_KEY}},
+    ]});
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(&setup.to_string())),
+        "namespace ml and its S3 Secret",
+    );
+    wait_for_default_service_account(&s.admin, "ml");
+    let mut operator = start_operator(s, "operator-a");
+    let log = s.work.join("operator-a.log");
+    let context = |what: &'static str| {
+        let admin = s.admin.clone();
+        let log = log.clone();
+        let pod_logs_dir = s.pod_logs.clone();
+        move || {
+            let objs = kubectl(
+                &admin,
+                &["get", "ds,pj,jobs,pods", "-n", "ml", "-o", "yaml"],
+                None,
+            );
+            format!(
+                "{what}\n{}\noperator log:\n{}\npod logs:\n{}",
+                String::from_utf8_lossy(&objs.stdout),
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                pod_logs(&pod_logs_dir)
+            )
+        }
+    };
+
+    let manifests = format!(
+        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata: {{name: words, namespace: ml}}\nspec:\n  \
+         sources: [{{name: words, uri: \"file://{corpus}\", format: text}}]\n  \
+         cleaning: {{disable: [gopherWordCount, gopherStopWords, c4TerminalPunctuation, c4ShortLines]}}\n  \
+         dedup: {{minhash: {{enabled: false}}, decontamination: {{enabled: false}}}}\n  split: {{testSize: 0.1}}\n---\n\
+         apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {{name: gpt, namespace: ml}}\nspec:\n  \
+         datasetRef: {{name: words}}\n  model: {{preset: tiny, nLayer: 1}}\n  \
+         training: {{batchSize: 2, gradientAccumulationSteps: 1, maxSteps: 20, warmupSteps: 2, precision: f32}}\n  \
+         evaluation: {{interval: 10, iterations: 1}}\n  checkpoints: {{interval: 10, keep: 2}}\n  \
+         resources: {{gpus: 0}}\n---\n\
+         apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {{name: orphan, namespace: ml}}\nspec:\n  \
+         datasetRef: {{name: missing}}\n  model: {{preset: tiny}}\n---\n\
+         apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata: {{name: broken, namespace: ml}}\nspec:\n  \
+         sources: [{{name: gone, uri: \"file:///nonexistent/taper/corpus.txt\", format: text}}]\n",
+        corpus = corpus.display()
+    );
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(&manifests)),
+        "Datasets and PretrainJobs",
+    );
+
+    // The Dataset: prepared by a Job's pod, shards in MinIO, counts in status.
+    let ds = eventually_or(240, "Dataset words is Ready", context("words"), || {
+        resource(&s.admin, "dataset", "words").filter(|d| d["status"]["phase"] == "Ready")
+    });
+    let st = &ds["status"];
+    let logs = format!(
+        "{}\nmanaged fields: {}",
+        pod_logs(&s.pod_logs),
+        ds["metadata"]["managedFields"]
+    );
+    assert!(
+        st["documentsWritten"].as_i64().unwrap_or(0) > 200,
+        "{st}\n{logs}"
+    );
+    assert!(st["trainTokens"].as_i64().unwrap_or(0) > 1000, "{st}");
+    assert_eq!(
+        st["manifest"], "s3://taper/ml/datasets/words/manifest.json",
+        "{st}"
+    );
+    let ready = condition(&ds, "Ready").expect("Ready condition");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Published"))
+    );
+
+    // The PretrainJob: waits for the Dataset, then trains to maxSteps with live figures.
+    let pj = eventually_or(360, "PretrainJob gpt Succeeded", context("gpt"), || {
+        resource(&s.admin, "pretrainjob", "gpt").filter(|p| p["status"]["phase"] == "Succeeded")
+    });
+    let st = &pj["status"];
+    assert_eq!(st["step"], 20, "{st}");
+    assert!(st["trainLoss"].as_f64().is_some_and(f64::is_finite), "{st}");
+    assert!(st["valLoss"].as_f64().is_some(), "{st}");
+    assert_eq!(st["restarts"], 0, "{st}");
+    assert_eq!(
+        st["latestCheckpoint"], "s3://taper/ml/pretrainjobs/gpt/checkpoints/step-000000020",
+        "{st}"
+    );
+    let checkpoints = st["checkpoints"].as_array().expect("checkpoints");
+    assert!(
+        !checkpoints.is_empty() && checkpoints.len() <= 2,
+        "keep 2 (the best may be one): {st}"
+    );
+    for c in checkpoints {
+        assert_eq!(c["sha256"].as_str().map(str::len), Some(64), "{c}");
+    }
+    let ready = condition(&pj, "Ready").expect("Ready condition");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("MaxStepsReached"))
+    );
+    assert_eq!(
+        condition(&pj, "InputsReady").expect("InputsReady")["status"],
+        "True"
+    );
+    let job = get(
+        &s.admin,
+        &["get", "job", "-n", "ml", "gpt-pretrain", "-o", "json"],
+    )
+    .expect("the Job");
+    assert_eq!(job["spec"]["backoffLimit"], 3);
+    let rules = job["spec"]["podFailurePolicy"]["rules"]
+        .as_array()
+        .expect("pod failure policy");
+    assert_eq!(rules[0]["action"], "FailJob");
+    assert_eq!(rules[0]["onExitCodes"]["values"], json!([2, 3, 4]));
+    assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "PretrainJob");
+    let events = ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "get",
+                "events",
+                "-n",
+                "ml",
+                "--field-selector",
+                "involvedObject.name=gpt",
+                "-o",
+                "json",
+            ],
+            None,
+        ),
+        "events",
+    );
+    for reason in ["Created", "Succeeded"] {
+        assert!(
+            events.contains(&format!("\"reason\": \"{reason}\"")),
+            "event {reason}: {events}"
+        );
+    }
+
+    // A missing reference: reported, no Job.
+    let orphan = eventually_or(
+        60,
+        "orphan waits for its Dataset",
+        context("orphan"),
+        || {
+            resource(&s.admin, "pretrainjob", "orphan").filter(|p| {
+                condition(p, "InputsReady").is_some_and(|c| c["reason"] == "DatasetNotFound")
+            })
+        },
+    );
+    assert_eq!(orphan["status"]["phase"], "Pending");
+    assert!(
+        get(
+            &s.admin,
+            &["get", "job", "-n", "ml", "orphan-pretrain", "-o", "json"]
+        )
+        .is_none()
+    );
+
+    // A permanent failure: exit 3 fails the Job at once, and the Dataset says why.
+    let broken = eventually_or(180, "Dataset broken Failed", context("broken"), || {
+        resource(&s.admin, "dataset", "broken").filter(|d| d["status"]["phase"] == "Failed")
+    });
+    let failed = condition(&broken, "Failed").expect("Failed condition");
+    assert_eq!(failed["reason"], "InvalidData", "{broken}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nonexistent"),
+        "{broken}"
+    );
+
+    // A restarted operator creates nothing twice.
+    let count = |kind: &str| {
+        get(&s.admin, &["get", kind, "-n", "ml", "-o", "json"])
+            .and_then(|l| l["items"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    let (jobs, pods) = (count("jobs"), count("pods"));
+    operator.stop();
+    let mut operator = start_operator(s, "operator-b");
+    std::thread::sleep(std::time::Duration::from_secs(15));
+    assert_eq!(
+        (count("jobs"), count("pods")),
+        (jobs, pods),
+        "no duplicate Jobs or pods"
+    );
+    assert_eq!(
+        resource(&s.admin, "pretrainjob", "gpt").map(|p| p["status"]["phase"].clone()),
+        Some(json!("Succeeded"))
+    );
+    operator.stop();
+}
