@@ -335,16 +335,144 @@ pub(crate) fn operator_checks(s: &Setup) {
         "{broken}"
     );
 
-    // A restarted operator creates nothing twice.
+    // A lost pod: deleting it mid-run (SIGTERM: the trainer checkpoints and exits 75)
+    // makes the Job start another, not counted, that resumes from the checkpoint.
+    let long = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: long, namespace: ml}\nspec:\n  \
+        datasetRef: {name: words}\n  model: {preset: tiny, nLayer: 1}\n  \
+        training: {batchSize: 2, gradientAccumulationSteps: 1, maxSteps: 100000, warmupSteps: 2, precision: f32}\n  \
+        evaluation: {interval: 100000, iterations: 1}\n  checkpoints: {interval: 4, keep: 2}\n  resources: {gpus: 0}\n";
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(long)),
+        "PretrainJob long",
+    );
+    let running = eventually_or(
+        120,
+        "long has a checkpoint and a live pod",
+        context("long"),
+        || {
+            resource(&s.admin, "pretrainjob", "long").filter(|p| {
+                p["status"]["latestCheckpoint"].is_string() && p["status"]["podName"].is_string()
+            })
+        },
+    );
+    let first_pod = running["status"]["podName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ok(
+        &kubectl(
+            &s.admin,
+            &["delete", "pod", "-n", "ml", &first_pod, "--wait=false"],
+            None,
+        ),
+        "delete the trainer pod",
+    );
+    let (p, started) = eventually_or(
+        150,
+        "a new pod resumed from a checkpoint",
+        context("long"),
+        || {
+            let p = resource(&s.admin, "pretrainjob", "long")?;
+            let pod = p["status"]["podName"].as_str()?.to_string();
+            let log =
+                std::fs::read_to_string(s.pod_logs.join(format!("ml_{pod}_trainer.log"))).ok()?;
+            let started: Value = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|e| e["event"] == "started")?;
+            (pod != first_pod && started["resumedFrom"].is_string()).then_some((p, started))
+        },
+    );
+    let from = started["resumedFrom"].as_str().unwrap_or_default();
+    let step_of = |uri: &str| {
+        uri.rsplit("step-")
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(step_of(from) >= 4, "resumed from a checkpoint: {started}");
+    assert_eq!(started["step"].as_u64(), Some(step_of(from)), "{started}");
+    assert_eq!(
+        p["status"]["restarts"], 0,
+        "a lost pod is not counted: {}",
+        p["status"]
+    );
+
+    // Deleting the resource deletes its Job and pod (owner references).
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "delete",
+                "pretrainjob",
+                "-n",
+                "ml",
+                "long",
+                "--wait=true",
+                "--timeout=60s",
+            ],
+            None,
+        ),
+        "delete long",
+    );
+    eventually_or(
+        90,
+        "long's Job is garbage-collected",
+        context("long"),
+        || {
+            get(
+                &s.admin,
+                &["get", "job", "-n", "ml", "long-pretrain", "-o", "json"],
+            )
+            .is_none()
+            .then_some(())
+        },
+    );
+
+    // Two replicas: the second waits while the first leads, and takes over within 30 s
+    // of the leader's death; neither creates anything twice.
     let count = |kind: &str| {
         get(&s.admin, &["get", kind, "-n", "ml", "-o", "json"])
             .and_then(|l| l["items"].as_array().map(Vec::len))
             .unwrap_or(0)
     };
+    eventually_or(90, "long's pods are gone", context("long pods"), || {
+        get(
+            &s.admin,
+            &[
+                "get",
+                "pods",
+                "-n",
+                "ml",
+                "-l",
+                "taper.dev/job=long",
+                "-o",
+                "json",
+            ],
+        )
+        .filter(|l| l["items"].as_array().is_some_and(Vec::is_empty))
+    });
     let (jobs, pods) = (count("jobs"), count("pods"));
+    let mut standby = start_operator(s, "operator-b");
+    let standby_log = s.work.join("operator-b.log");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        !std::fs::read_to_string(&standby_log)
+            .unwrap_or_default()
+            .contains("leading"),
+        "the standby does not lead while the leader lives"
+    );
     operator.stop();
-    let mut operator = start_operator(s, "operator-b");
-    std::thread::sleep(std::time::Duration::from_secs(15));
+    let stopped = std::time::Instant::now();
+    eventually_or(40, "the standby leads", context("failover"), || {
+        std::fs::read_to_string(&standby_log)
+            .ok()
+            .filter(|l| l.contains("leading"))
+    });
+    let failover = stopped.elapsed().as_secs_f64();
+    println!("  failover took {failover:.1} s");
+    assert!(failover < 30.0, "failover took {failover:.1} s");
+    std::thread::sleep(std::time::Duration::from_secs(5));
     assert_eq!(
         (count("jobs"), count("pods")),
         (jobs, pods),
@@ -354,5 +482,5 @@ pub(crate) fn operator_checks(s: &Setup) {
         resource(&s.admin, "pretrainjob", "gpt").map(|p| p["status"]["phase"].clone()),
         Some(json!("Succeeded"))
     );
-    operator.stop();
+    standby.stop();
 }
