@@ -102,9 +102,9 @@ fn golden(name: &str, objects: &[serde_json::Value]) {
     );
 }
 
-fn built(owner: &Owner, plan: &Plan, exists: bool) -> (Job, Vec<serde_json::Value>) {
+fn built(owner: &Owner, plan: &Plan, current: Option<bool>) -> (Job, Vec<serde_json::Value>) {
     let cfg = cfg();
-    let job = build::job::job(owner, plan, &cfg, exists);
+    let job = build::job::job(owner, plan, &cfg, current);
     let objects = vec![
         serde_json::to_value(build::config_map::config_map(owner, plan).expect("config map"))
             .expect("json"),
@@ -125,7 +125,7 @@ fn a_pretrain_job_builds_its_config_map_rbac_and_job() {
     };
     let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
     let owner = owner_of(&pj, "PretrainJob", "pretrainjobs");
-    let (job, objects) = built(&owner, &plan, false);
+    let (job, objects) = built(&owner, &plan, None);
     golden("pretrain.yaml", &objects);
 
     // The job file: the job with its checkpoint URI under the default output, and its
@@ -212,7 +212,11 @@ fn trainer_pods_meet_the_restricted_pod_security_standard() {
         base: None,
     };
     let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
-    let (job, _) = built(&owner_of(&pj, "PretrainJob", "pretrainjobs"), &plan, true);
+    let (job, _) = built(
+        &owner_of(&pj, "PretrainJob", "pretrainjobs"),
+        &plan,
+        Some(false),
+    );
     let pod = job.spec.expect("spec").template.spec.expect("pod");
     let psc = pod.security_context.expect("pod security context");
     assert_eq!(psc.run_as_non_root, Some(true));
@@ -243,7 +247,7 @@ fn trainer_pods_meet_the_restricted_pod_security_standard() {
 }
 
 #[test]
-fn a_queued_job_leaves_suspend_to_kueue_after_creation_and_a_suspended_one_stays_suspended() {
+fn a_queued_job_keeps_the_suspend_kueue_gave_it_and_a_suspended_one_stays_suspended() {
     let pj = pretrain_job();
     let inputs = Inputs {
         dataset: Some(dataset(true)),
@@ -251,24 +255,25 @@ fn a_queued_job_leaves_suspend_to_kueue_after_creation_and_a_suspended_one_stays
     };
     let mut plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
     let owner = owner_of(&pj, "PretrainJob", "pretrainjobs");
-    let suspend = |plan: &Plan, exists| {
-        build::job::job(&owner, plan, &cfg(), exists)
+    let suspend = |plan: &Plan, current| {
+        build::job::job(&owner, plan, &cfg(), current)
             .spec
             .and_then(|s| s.suspend)
     };
-    assert_eq!(suspend(&plan, false), Some(true));
+    assert_eq!(suspend(&plan, None), Some(true), "created suspended");
+    assert_eq!(suspend(&plan, Some(true)), Some(true), "still waiting");
     assert_eq!(
-        suspend(&plan, true),
-        None,
-        "not owned once Kueue may have admitted it"
+        suspend(&plan, Some(false)),
+        Some(false),
+        "admitted by Kueue: kept, never flipped back"
     );
     plan.run.suspend = true;
-    assert_eq!(suspend(&plan, true), Some(true));
+    assert_eq!(suspend(&plan, Some(false)), Some(true));
     let mut unqueued = owner.clone();
     unqueued.labels.clear();
     plan.run.suspend = false;
     assert_eq!(
-        build::job::job(&unqueued, &plan, &cfg(), true)
+        build::job::job(&unqueued, &plan, &cfg(), Some(true))
             .spec
             .and_then(|s| s.suspend),
         Some(false)
@@ -281,7 +286,7 @@ fn a_dataset_builds_a_prepare_job_without_gpus() {
     let plan = ready(plan::plan_dataset(&ds, &cfg()));
     assert_eq!(plan.command, "prepare");
     assert_eq!(plan.store_secret.as_deref(), Some("s3-creds"));
-    let (job, objects) = built(&owner_of(&ds, "Dataset", "datasets"), &plan, false);
+    let (job, objects) = built(&owner_of(&ds, "Dataset", "datasets"), &plan, None);
     golden("dataset.yaml", &objects);
     let c = &job
         .spec

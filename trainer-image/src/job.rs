@@ -168,11 +168,13 @@ pub fn pretrain(
     let store = rt.block_on(store::open(&ckpt_uri, job.spec.checkpoints.access.as_ref()))?;
     let metrics = Metrics::new("PretrainJob", &opts.namespace, &name)
         .map_err(|e| JobError::Internal(e.to_string()))?;
+    // Metrics are for watching, not for training: a port that cannot be bound is
+    // reported and the run goes on.
     if let Some(addr) = opts.metrics_addr {
-        let bound = metrics
-            .serve(addr)
-            .map_err(|e| JobError::Internal(format!("metrics on {addr}: {e}")))?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        match metrics.serve(addr) {
+            Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
+            Err(e) => tracing::warn!("no metrics: cannot serve them on {addr}: {e}"),
+        }
     }
     let eval_interval = training.eval_interval as u64;
     let run = PretrainRun {

@@ -272,16 +272,18 @@ fn container(owner: &Owner, plan: &Plan, cfg: &Config) -> Container {
     }
 }
 
-/// The Job `<name>-<command>`. It is created suspended when the resource is suspended or
-/// queued (Kueue admits it by unsuspending); `suspend` is left out of later applies of a
-/// queued Job, so the operator does not fight Kueue over it.
-pub fn job(owner: &Owner, plan: &Plan, cfg: &Config, exists: bool) -> Job {
+/// The Job `<name>-<command>`; `current_suspend` is the existing Job's `spec.suspend`
+/// (`None` before it exists). It is created suspended when the resource is suspended or
+/// queued (Kueue admits it by unsuspending); a queued Job keeps the `suspend` it has, so
+/// the operator never flips it against Kueue (leaving the field out of the apply would
+/// not do: server-side apply would remove a field its manager stops sending).
+pub fn job(owner: &Owner, plan: &Plan, cfg: &Config, current_suspend: Option<bool>) -> Job {
     let name = owner.child_name(plan.command);
     let labels = owner.labels(plan.command);
     let suspend = if plan.run.suspend {
         Some(true)
     } else if owner.queue().is_some() {
-        (!exists).then_some(true)
+        Some(current_suspend.unwrap_or(true))
     } else {
         Some(false)
     };

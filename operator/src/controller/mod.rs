@@ -212,10 +212,9 @@ where
 async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<(Job, bool), Error> {
     let ns = &owner.namespace;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-    let exists = jobs
-        .get_opt(&owner.child_name(plan.command))
-        .await?
-        .is_some();
+    let current = jobs.get_opt(&owner.child_name(plan.command)).await?;
+    let exists = current.is_some();
+    let current_suspend = current.map(|j| j.spec.and_then(|s| s.suspend).unwrap_or(false));
     apply::<ServiceAccount>(
         &ctx.client,
         ns,
@@ -238,7 +237,7 @@ async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<(Job, bool)
     let job = apply::<Job>(
         &ctx.client,
         ns,
-        &build::job::job(owner, plan, &ctx.cfg, exists),
+        &build::job::job(owner, plan, &ctx.cfg, current_suspend),
     )
     .await?;
     Ok((job, !exists))
