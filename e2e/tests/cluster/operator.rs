@@ -398,6 +398,67 @@ pub(crate) fn operator_checks(s: &Setup) {
         p["status"]
     );
 
+    // Suspend: the Job is suspended, its pod stopped with a checkpoint; un-suspending
+    // starts a pod that resumes.
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "patch",
+                "pretrainjob",
+                "-n",
+                "ml",
+                "long",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"suspend":true}}"#,
+            ],
+            None,
+        ),
+        "suspend long",
+    );
+    let suspended = eventually_or(120, "long is Suspended", context("suspend"), || {
+        resource(&s.admin, "pretrainjob", "long").filter(|p| p["status"]["phase"] == "Suspended")
+    });
+    assert_eq!(
+        condition(&suspended, "Suspended").expect("Suspended")["status"],
+        "True"
+    );
+    let before = suspended["status"]["latestCheckpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "patch",
+                "pretrainjob",
+                "-n",
+                "ml",
+                "long",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"suspend":false}}"#,
+            ],
+            None,
+        ),
+        "resume long",
+    );
+    eventually_or(
+        120,
+        "long runs again past its checkpoint",
+        context("resume"),
+        || {
+            resource(&s.admin, "pretrainjob", "long").filter(|p| {
+                p["status"]["phase"] == "Running"
+                    && p["status"]["latestCheckpoint"]
+                        .as_str()
+                        .is_some_and(|c| c > before.as_str())
+            })
+        },
+    );
+
     // Deleting the resource deletes its Job and pod (owner references).
     ok(
         &kubectl(
@@ -428,6 +489,53 @@ pub(crate) fn operator_checks(s: &Setup) {
             .then_some(())
         },
     );
+
+    // Kueue's part, played by the test: a queued resource gets a suspended Job with the
+    // queue label, waits with AwaitingAdmission, and runs once the Job is admitted
+    // (unsuspended); the operator does not suspend it again.
+    let queued = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: queued, namespace: ml, labels: {kueue.x-k8s.io/queue-name: gpus}}\nspec:\n  \
+        datasetRef: {name: words}\n  model: {preset: tiny, nLayer: 1}\n  \
+        training: {batchSize: 2, gradientAccumulationSteps: 1, maxSteps: 6, warmupSteps: 2, precision: f32}\n  \
+        evaluation: {interval: 6, iterations: 1}\n  resources: {gpus: 0}\n";
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(queued)),
+        "PretrainJob queued",
+    );
+    let waiting = eventually_or(60, "queued awaits admission", context("queued"), || {
+        resource(&s.admin, "pretrainjob", "queued")
+            .filter(|p| condition(p, "Ready").is_some_and(|c| c["reason"] == "AwaitingAdmission"))
+    });
+    assert_eq!(waiting["status"]["phase"], "Pending");
+    let job = get(
+        &s.admin,
+        &["get", "job", "-n", "ml", "queued-pretrain", "-o", "json"],
+    )
+    .expect("queued Job");
+    assert_eq!(job["spec"]["suspend"], true);
+    assert_eq!(
+        job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        "gpus"
+    );
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "patch",
+                "job",
+                "-n",
+                "ml",
+                "queued-pretrain",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"suspend":false}}"#,
+            ],
+            None,
+        ),
+        "admit the queued Job",
+    );
+    eventually_or(180, "the admitted job Succeeded", context("queued"), || {
+        resource(&s.admin, "pretrainjob", "queued").filter(|p| p["status"]["phase"] == "Succeeded")
+    });
 
     // Two replicas: the second waits while the first leads, and takes over within 30 s
     // of the leader's death; neither creates anything twice.
