@@ -1,6 +1,7 @@
 //! `taper-e2e`: start the suite's real components by hand.
 //!
-//!   cargo run -p taper-e2e -- up     # control plane + pod runner until Ctrl-C
+//!   cargo run -p taper-e2e -- up                # control plane + pod runner until Ctrl-C
+//!   cargo run -p taper-e2e -- up --no-runner    # control plane only: pods stay Pending
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -30,10 +31,18 @@ enum Command {
         /// The `taper` binary that stands for the trainer image.
         #[arg(long)]
         taper_bin: Option<PathBuf>,
+        /// Start no pod runner: no node registers and nothing schedules or runs pods, so
+        /// every pod stays Pending (what `scripts/bench/operator_scale.py` measures on).
+        #[arg(long, conflicts_with = "taper_bin")]
+        no_runner: bool,
     },
 }
 
-async fn up(dir: Option<PathBuf>, taper_bin: Option<PathBuf>) -> anyhow::Result<()> {
+async fn up(
+    dir: Option<PathBuf>,
+    taper_bin: Option<PathBuf>,
+    no_runner: bool,
+) -> anyhow::Result<()> {
     let keep = dir.is_some();
     let plane = ControlPlane::start(ClusterOptions {
         dir: dir.clone(),
@@ -42,19 +51,29 @@ async fn up(dir: Option<PathBuf>, taper_bin: Option<PathBuf>) -> anyhow::Result<
     })
     .await?;
     let work = plane.dir().join("runner");
-    let bin = taper_bin.unwrap_or_else(taper_e2e::taper_bin);
-    let runner = PodRunner::start(
-        plane
-            .client(&cluster::node_user(cluster::NODE_NAME))
+    let runner = if no_runner {
+        None
+    } else {
+        let bin = taper_bin.unwrap_or_else(taper_e2e::taper_bin);
+        Some(
+            PodRunner::start(
+                plane
+                    .client(&cluster::node_user(cluster::NODE_NAME))
+                    .await?,
+                plane.client("system:kube-scheduler").await?,
+                RunnerOptions::new(cluster::NODE_NAME, bin, work.clone()),
+            )
             .await?,
-        plane.client("system:kube-scheduler").await?,
-        RunnerOptions::new(cluster::NODE_NAME, bin, work.clone()),
-    )
-    .await?;
+        )
+    };
     println!("control plane up at {}", plane.server());
     println!("  export KUBECONFIG={}", plane.kubeconfig().display());
     println!("  component logs: {}", plane.dir().join("logs").display());
-    println!("  pod logs:       {}", work.join("logs").display());
+    if runner.is_some() {
+        println!("  pod logs:       {}", work.join("logs").display());
+    } else {
+        println!("  no pod runner: pods stay Pending");
+    }
     println!("Ctrl-C stops everything.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -62,7 +81,9 @@ async fn up(dir: Option<PathBuf>, taper_bin: Option<PathBuf>) -> anyhow::Result<
         _ = term.recv() => {}
     }
     println!("stopping");
-    runner.shutdown().await;
+    if let Some(runner) = runner {
+        runner.shutdown().await;
+    }
     drop(plane);
     Ok(())
 }
@@ -84,7 +105,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Up { dir, taper_bin } => rt.block_on(up(dir, taper_bin)),
+        Command::Up {
+            dir,
+            taper_bin,
+            no_runner,
+        } => rt.block_on(up(dir, taper_bin, no_runner)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
