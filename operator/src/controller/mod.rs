@@ -279,12 +279,28 @@ async fn pods_of(
     Ok((failed.map(|(_, c, m)| (c, m)), live))
 }
 
-/// Apply `status` to the resource's status subresource.
+/// Whether every field of `status` already has that value on `obj` (then applying it
+/// would change nothing, and would only wake this controller again).
+pub fn unchanged<K: TaperKind>(obj: &K, status: &OperatorStatus) -> bool {
+    let (Ok(current), Ok(new)) = (serde_json::to_value(obj), serde_json::to_value(status)) else {
+        return false;
+    };
+    new.as_object().is_some_and(|fields| {
+        fields
+            .iter()
+            .all(|(k, v)| current["status"].get(k).unwrap_or(&serde_json::Value::Null) == v)
+    })
+}
+
+/// Apply `status` to the resource's status subresource, unless nothing would change.
 async fn apply_status<K: TaperKind>(
     ctx: &Ctx,
     obj: &K,
     status: &OperatorStatus,
 ) -> Result<(), Error> {
+    if unchanged(obj, status) {
+        return Ok(());
+    }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let body = serde_json::json!({
         "apiVersion": K::api_version(&()),
