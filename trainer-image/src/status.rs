@@ -26,6 +26,9 @@ use taper_crds::{
 /// end the run, which are reported at once.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long the end of a run waits for its last status report.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The status fields the trainer owns on a PretrainJob or FinetuneJob.
 const JOB_FIELDS: [&str; 11] = [
     "step",
@@ -251,12 +254,17 @@ impl JobReporter {
         }
     }
 
-    /// Report what is left and stop.
+    /// Report what is left and stop; an API server that does not answer delays the
+    /// trainer's exit by at most [`FINISH_TIMEOUT`] (the checkpoint is already saved).
     pub fn finish(mut self, rt: &tokio::runtime::Runtime) {
         let (dummy, _) = tokio::sync::mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.sender, dummy));
-        if let Some(task) = self.task.take() {
-            let _ = rt.block_on(task);
+        if let Some(task) = self.task.take()
+            && rt
+                .block_on(async { tokio::time::timeout(FINISH_TIMEOUT, task).await })
+                .is_err()
+        {
+            tracing::warn!("the last status report did not finish in {FINISH_TIMEOUT:?}");
         }
     }
 }
