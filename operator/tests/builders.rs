@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::Resource;
 use taper_crds::{
     Dataset, PretrainJob,
     conditions::{ConditionReason, DatasetPhase},
@@ -19,6 +18,7 @@ use taper_crds::{
 use taper_operator::{
     build::{self, Owner, Plan},
     config::Config,
+    controller,
     plan::{self, Inputs, Readiness},
 };
 
@@ -55,21 +55,6 @@ fn pretrain_job() -> PretrainJob {
          tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}], priorityClassName: training}\n",
     )
     .expect("pretrain job")
-}
-
-fn owner_of<K: Resource<DynamicType = ()>>(
-    obj: &K,
-    kind: &'static str,
-    plural: &'static str,
-) -> Owner {
-    Owner {
-        kind,
-        plural,
-        name: obj.meta().name.clone().unwrap_or_default(),
-        namespace: obj.meta().namespace.clone().unwrap_or_default(),
-        reference: obj.controller_owner_ref(&()).expect("owner reference"),
-        labels: obj.meta().labels.clone().unwrap_or_default(),
-    }
 }
 
 fn ready(r: Readiness) -> Plan {
@@ -124,7 +109,7 @@ fn a_pretrain_job_builds_its_config_map_rbac_and_job() {
         base: None,
     };
     let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
-    let owner = owner_of(&pj, "PretrainJob", "pretrainjobs");
+    let owner = controller::owner(&pj);
     let (job, objects) = built(&owner, &plan, None);
     golden("pretrain.yaml", &objects);
 
@@ -212,11 +197,7 @@ fn trainer_pods_meet_the_restricted_pod_security_standard() {
         base: None,
     };
     let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
-    let (job, _) = built(
-        &owner_of(&pj, "PretrainJob", "pretrainjobs"),
-        &plan,
-        Some(false),
-    );
+    let (job, _) = built(&controller::owner(&pj), &plan, Some(false));
     let pod = job.spec.expect("spec").template.spec.expect("pod");
     let psc = pod.security_context.expect("pod security context");
     assert_eq!(psc.run_as_non_root, Some(true));
@@ -254,7 +235,7 @@ fn a_queued_job_keeps_the_suspend_kueue_gave_it_and_a_suspended_one_stays_suspen
         base: None,
     };
     let mut plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
-    let owner = owner_of(&pj, "PretrainJob", "pretrainjobs");
+    let owner = controller::owner(&pj);
     let suspend = |plan: &Plan, current| {
         build::job::job(&owner, plan, &cfg(), current)
             .spec
@@ -286,7 +267,7 @@ fn a_dataset_builds_a_prepare_job_without_gpus() {
     let plan = ready(plan::plan_dataset(&ds, &cfg()));
     assert_eq!(plan.command, "prepare");
     assert_eq!(plan.store_secret.as_deref(), Some("s3-creds"));
-    let (job, objects) = built(&owner_of(&ds, "Dataset", "datasets"), &plan, None);
+    let (job, objects) = built(&controller::owner(&ds), &plan, None);
     golden("dataset.yaml", &objects);
     let c = &job
         .spec

@@ -202,7 +202,7 @@ pub fn pretrain(
         events: None,
     };
     // Live status to the PretrainJob when the pod has API credentials.
-    let Some(target) = crate::status::Target::from_env(rt, "PretrainJob", &name) else {
+    let Some(target) = crate::status::Target::from_env::<taper_crds::PretrainJob>(rt, &name) else {
         return Ok(pretrain::run(rt, run)?);
     };
     let reporter = crate::status::JobReporter::start(rt, target);

@@ -245,9 +245,8 @@ fn run(cli: Cli) -> Result<u8, JobError> {
                 return Ok(exit::SUCCESS);
             }
             let report = prepare::prepare_with(&rt, ds, &options)?;
-            if let Some(target) = taper_trainer::status::Target::from_env(
+            if let Some(target) = taper_trainer::status::Target::from_env::<taper_crds::Dataset>(
                 &rt,
-                "Dataset",
                 ds.metadata.name.as_deref().unwrap_or_default(),
             ) {
                 target.report_dataset(&rt, &report);

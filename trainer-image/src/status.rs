@@ -72,13 +72,14 @@ pub enum StatusError {
 pub struct Target {
     client: Client,
     namespace: String,
-    kind: &'static str,
+    /// The resource's kind, group, version and plural, from its type.
+    resource: kube::api::ApiResource,
     name: String,
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        write!(f, "{} {}/{}", self.resource.kind, self.namespace, self.name)
     }
 }
 
@@ -117,10 +118,13 @@ async fn client_from(dir: &Path) -> Result<(Client, String), StatusError> {
 }
 
 impl Target {
-    /// The resource `kind`/`name` in the pod's namespace, when `TAPER_API_CREDENTIALS`
-    /// names the projected credentials; `None` otherwise (or, logged, when they are
-    /// unusable).
-    pub fn from_env(rt: &tokio::runtime::Runtime, kind: &'static str, name: &str) -> Option<Self> {
+    /// The resource of type `K` called `name` in the pod's namespace, when
+    /// `TAPER_API_CREDENTIALS` names the projected credentials; `None` otherwise (or,
+    /// logged, when they are unusable).
+    pub fn from_env<K: kube::Resource<DynamicType = ()>>(
+        rt: &tokio::runtime::Runtime,
+        name: &str,
+    ) -> Option<Self> {
         let Some(dir) = std::env::var_os(pod::env::API_CREDENTIALS) else {
             tracing::debug!("{} is unset: no live status", pod::env::API_CREDENTIALS);
             return None;
@@ -129,7 +133,7 @@ impl Target {
             Ok((client, namespace)) => Some(Self {
                 client,
                 namespace,
-                kind,
+                resource: kube::api::ApiResource::erase::<K>(&()),
                 name: name.to_string(),
             }),
             Err(e) => {
@@ -153,23 +157,11 @@ impl Target {
                 }
             }
         }
-        let plural = match self.kind {
-            "Dataset" => "datasets",
-            "PretrainJob" => "pretrainjobs",
-            _ => "finetunejobs",
-        };
-        let resource = kube::api::ApiResource {
-            group: taper_crds::GROUP.into(),
-            version: taper_crds::VERSION.into(),
-            api_version: taper_crds::API_VERSION.into(),
-            kind: self.kind.into(),
-            plural: plural.into(),
-        };
         let api: Api<kube::api::DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &self.namespace, &resource);
+            Api::namespaced_with(self.client.clone(), &self.namespace, &self.resource);
         let body = serde_json::json!({
-            "apiVersion": taper_crds::API_VERSION,
-            "kind": self.kind,
+            "apiVersion": self.resource.api_version,
+            "kind": self.resource.kind,
             "metadata": {"name": self.name},
             "status": owned,
         });

@@ -44,9 +44,9 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Owner {
     /// `Dataset`, `PretrainJob` or `FinetuneJob`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Its plural (`pretrainjobs`), for RBAC rules.
-    pub plural: &'static str,
+    pub plural: String,
     /// Its name.
     pub name: String,
     /// Its namespace.
@@ -82,7 +82,7 @@ impl Owner {
                 "app.kubernetes.io/managed-by".to_string(),
                 "taper-operator".to_string(),
             ),
-            (KIND_LABEL.to_string(), self.kind.to_string()),
+            (KIND_LABEL.to_string(), self.kind.clone()),
             (JOB_LABEL.to_string(), self.name.clone()),
         ]);
         if let Some(q) = self.queue() {

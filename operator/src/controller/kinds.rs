@@ -43,7 +43,6 @@ async fn dataset(
 
 impl TaperKind for Dataset {
     const COMMAND: &'static str = "prepare";
-    const PLURAL: &'static str = "datasets";
     const SUSPENDABLE: bool = false;
     const HAS_INPUTS: bool = false;
     const RUNNING: ConditionReason = ConditionReason::Preparing;
@@ -74,7 +73,6 @@ impl TaperKind for Dataset {
 
 impl TaperKind for PretrainJob {
     const COMMAND: &'static str = "pretrain";
-    const PLURAL: &'static str = "pretrainjobs";
     const SUSPENDABLE: bool = true;
     const HAS_INPUTS: bool = true;
     const RUNNING: ConditionReason = ConditionReason::Training;
@@ -116,7 +114,6 @@ impl TaperKind for PretrainJob {
 
 impl TaperKind for FinetuneJob {
     const COMMAND: &'static str = "finetune";
-    const PLURAL: &'static str = "finetunejobs";
     const SUSPENDABLE: bool = true;
     const HAS_INPUTS: bool = true;
     const RUNNING: ConditionReason = ConditionReason::Training;

@@ -131,8 +131,6 @@ pub trait TaperKind:
 {
     /// The trainer subcommand (and the suffix of every child's name).
     const COMMAND: &'static str;
-    /// The plural, for RBAC rules.
-    const PLURAL: &'static str;
     /// Whether `spec.suspend` exists (PretrainJob, FinetuneJob).
     const SUSPENDABLE: bool;
     /// Whether the kind references other objects (an `InputsReady` condition).
@@ -170,20 +168,12 @@ fn now() -> Time {
 /// The resource's identity for the builders.
 pub fn owner<K: TaperKind>(obj: &K) -> Owner {
     Owner {
-        kind: kind_name::<K>(),
-        plural: K::PLURAL,
+        kind: K::kind(&()).into_owned(),
+        plural: K::plural(&()).into_owned(),
         name: obj.name_any(),
         namespace: obj.namespace().unwrap_or_default(),
         reference: obj.controller_owner_ref(&()).unwrap_or_default(),
         labels: obj.labels().clone(),
-    }
-}
-
-fn kind_name<K: TaperKind>() -> &'static str {
-    match K::COMMAND {
-        "prepare" => "Dataset",
-        "pretrain" => "PretrainJob",
-        _ => "FinetuneJob",
     }
 }
 
@@ -356,7 +346,8 @@ fn transition(from: &str, to: State, reason: ConditionReason) -> Option<&'static
 
 /// One reconcile of `obj`.
 pub async fn reconcile<K: TaperKind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let kind = kind_name::<K>();
+    let kind = K::kind(&());
+    let kind = kind.as_ref();
     ctx.metrics.reconciliations.with_label_values(&[kind]).inc();
     let timer = ctx
         .metrics
@@ -504,6 +495,6 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
 
 /// Back off after an error.
 pub fn error_policy<K: TaperKind>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(kind = kind_name::<K>(), %error, "reconcile failed");
+    tracing::warn!(kind = %K::kind(&()), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(10))
 }
