@@ -83,6 +83,23 @@ pub struct QualityThreshold {
     pub aggregate: Aggregate,
 }
 
+/// What a source's unreadable data does to the run.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum OnError {
+    /// Count each malformed record (invalid UTF-8, not JSON, the wrong shape) and skip it;
+    /// keep the records of a file read before it breaks off (a truncated `jsonl.zst`, a cut
+    /// XML dump, a damaged Parquet row group) and list the file in the report's
+    /// `brokenFiles`.
+    #[default]
+    Skip,
+    /// Fail the run (invalid data, exit 3) at the first malformed record or broken file,
+    /// with a message naming the source, the file and the position.
+    Fail,
+}
+
 fn default_text_field() -> String {
     "text".into()
 }
@@ -122,6 +139,10 @@ pub struct Source {
     #[serde(default = "default_weight")]
     #[x_kube(validation = Rule::new("double(self) > 0.0").message("sources[].weight must be greater than 0"))]
     pub weight: f64,
+    /// What a malformed record or a file that breaks off does: `skip` counts it and goes
+    /// on, `fail` fails the run. Default: `skip`.
+    #[serde(default)]
+    pub on_error: OnError,
 }
 
 /// A switchable quality rule (Gopher- and C4-style, as in datatrove).

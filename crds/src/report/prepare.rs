@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     conditions::{
-        Condition, ConditionReason, ConditionStatus, ConditionType, DatasetPhase, set_condition,
+        set_condition, Condition, ConditionReason, ConditionStatus, ConditionType, DatasetPhase,
     },
     dataset::{DatasetStatus, DuplicateCounts, QualityRule},
 };
 
+/// Broken files listed in a report; [`PrepareReport::broken_files_total`] counts them all.
+pub const BROKEN_FILES_LISTED: usize = 100;
 /// Examples of dropped documents kept per reason.
 pub const EXAMPLES_PER_REASON: usize = 3;
 /// Characters kept of each example.
@@ -269,6 +271,28 @@ pub struct SubstringStats {
     pub chunks: u64,
 }
 
+/// A source file whose reading broke off before its end (a truncated `jsonl.zst`, a cut
+/// XML dump, a damaged Parquet row group, bytes after a JSON array): the records read
+/// before the break were kept. A file that breaks off fails the run instead when its
+/// source says `onError: fail`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrokenFile {
+    /// The source it belongs to.
+    pub source: String,
+    /// The file (its path, or the object it was downloaded from).
+    pub file: String,
+    /// Records read from the file before the break (malformed ones included).
+    pub records: u64,
+    /// Where reading broke off, in bytes of the decoded stream: of the file itself, or of
+    /// its decompressed content for `jsonl.zst`. Absent where the reader gives no byte
+    /// position (Parquet, whose break is placed by `records`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_offset: Option<u64>,
+    /// What broke, as the reader says it.
+    pub error: String,
+}
+
 /// What a prepare run did, per stage and per source: `stats.json`, and the JSON line
 /// `taper prepare` prints on stdout for the operator.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -301,6 +325,13 @@ pub struct PrepareReport {
     /// Rows of StackExchange dumps that could not be parsed (rows, not documents).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub malformed_rows: u64,
+    /// Files whose reading broke off before their end, the first
+    /// [`BROKEN_FILES_LISTED`] of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broken_files: Vec<BrokenFile>,
+    /// Files (or Parquet row groups) whose reading broke off, all of them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub broken_files_total: u64,
     /// Documents in the train split.
     pub train_documents: u64,
     /// Documents in the test split.
@@ -373,6 +404,15 @@ impl PrepareReport {
     /// Records read so far from `source`.
     pub fn read_from(&self, source: &str) -> u64 {
         self.sources.get(source).map_or(0, |s| s.read)
+    }
+
+    /// Record a file whose reading broke off (listed while fewer than
+    /// [`BROKEN_FILES_LISTED`] are).
+    pub fn broken_file(&mut self, broken: BrokenFile) {
+        self.broken_files_total += 1;
+        if self.broken_files.len() < BROKEN_FILES_LISTED {
+            self.broken_files.push(broken);
+        }
     }
 
     /// Count one change made to a kept record.
@@ -455,13 +495,19 @@ impl DatasetStatus {
         self.manifest = report.manifest.clone();
         self.digest = report.digest.clone();
         self.phase = DatasetPhase::Ready;
-        let message = format!(
+        let mut message = format!(
             "{} of {} documents kept: {} train and {} test tokens",
             report.documents_written(),
             report.documents_read,
             report.train_tokens,
             report.test_tokens
         );
+        if report.broken_files_total > 0 {
+            message.push_str(&format!(
+                "; {} source files broke off before their end, their records before the break kept (brokenFiles in stats.json)",
+                report.broken_files_total
+            ));
+        }
         for (type_, status) in [
             (ConditionType::Ready, ConditionStatus::True),
             (ConditionType::Progressing, ConditionStatus::False),
@@ -522,6 +568,56 @@ mod tests {
             serde_json::from_str::<PrepareReport>(&json.replace("c4CurlyBraces", "c4Curly"))
                 .is_err(),
             "an unknown reason is refused"
+        );
+    }
+
+    #[test]
+    fn broken_files_are_listed_up_to_a_bound_and_counted_in_the_status_message() {
+        let broken = |i: u64| BrokenFile {
+            source: "web".into(),
+            file: format!("/data/part-{i}.jsonl.zst"),
+            records: i,
+            byte_offset: i.is_multiple_of(2).then_some(i * 10),
+            error: "incomplete frame".into(),
+        };
+        let mut r = PrepareReport::default();
+        let json = serde_json::to_string(&r).expect("serialise");
+        assert!(!json.contains("brokenFiles"), "absent while empty: {json}");
+        for i in 0..BROKEN_FILES_LISTED as u64 + 5 {
+            r.broken_file(broken(i));
+        }
+        assert_eq!(r.broken_files.len(), BROKEN_FILES_LISTED);
+        assert_eq!(r.broken_files_total, BROKEN_FILES_LISTED as u64 + 5);
+        let json = serde_json::to_value(&r).expect("serialise");
+        assert_eq!(
+            json["brokenFiles"][0],
+            serde_json::json!({"source": "web", "file": "/data/part-0.jsonl.zst",
+                "records": 0, "byteOffset": 0, "error": "incomplete frame"})
+        );
+        assert_eq!(
+            json["brokenFiles"][1].get("byteOffset"),
+            None,
+            "no offset: absent"
+        );
+        let back: PrepareReport = serde_json::from_value(json.clone()).expect("parse");
+        assert_eq!(back, r);
+        let mut unknown = json;
+        unknown["brokenFiles"][0]["offset"] = serde_json::json!(3);
+        assert!(serde_json::from_value::<PrepareReport>(unknown).is_err());
+
+        let mut status = DatasetStatus::default();
+        status.record_published(&r, Time(Timestamp::from_second(100).expect("time")));
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Ready)
+            .expect("Ready");
+        assert!(
+            ready.message.ends_with(
+                "; 105 source files broke off before their end, their records before the break kept (brokenFiles in stats.json)"
+            ),
+            "{}",
+            ready.message
         );
     }
 

@@ -123,6 +123,7 @@ pub(crate) fn select(
             let fetched = sources::fetch(rt, &spool, &source.name, object, k)?;
             read::read_source(
                 &fetched.path,
+                &object.label(),
                 i,
                 source,
                 instruction_mode,

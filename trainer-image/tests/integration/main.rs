@@ -12,6 +12,7 @@ mod gpt_gradients;
 mod learns_shakespeare;
 mod mixed_precision;
 mod optimizer_reference;
+mod prepare_hostile;
 mod prepare_pipeline;
 mod prepare_sources;
 mod prepare_tokenizers;
