@@ -36,6 +36,7 @@ fn state(model: GptConfig, step: u64) -> TrainerState {
             seed: 1,
             word_pos: 0,
         },
+        dropout: None,
         best_val_loss: None,
         best_step: None,
         val_loss: None,

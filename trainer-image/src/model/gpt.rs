@@ -190,15 +190,26 @@ pub fn init_params(cfg: &GptConfig, seed: u64, device: &Device) -> Result<ParamS
     Ok(store)
 }
 
-fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
+/// Inverted dropout: each element is zeroed with probability `p` and the rest scaled by
+/// `1 / (1 - p)`, so the expectation is unchanged. No RNG (evaluation, generation) or
+/// `p == 0` is the identity. One 32-bit draw per element.
+pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
     let Some(rng) = rng else { return Ok(x.clone()) };
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    use rand::Rng;
+    use rand::RngCore;
+    // Drop when the draw falls below p·2³².
+    let threshold = (p.min(1.0) * 4_294_967_296.0) as u64;
     let scale = (1.0 / (1.0 - p)) as f32;
     let keep: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+        .map(|_| {
+            if u64::from(rng.next_u32()) < threshold {
+                0.0
+            } else {
+                scale
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask

@@ -44,6 +44,10 @@ pub struct TrainerState {
     pub tokens: u64,
     /// Position of the training-batch sampler.
     pub sampler: SamplerState,
+    /// Position of the dropout-mask stream (absent in checkpoints written before dropout
+    /// was applied: those resume it from its seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<SamplerState>,
     /// Lowest validation loss so far.
     pub best_val_loss: Option<f32>,
     /// Step of the lowest validation loss.

@@ -300,6 +300,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         step: trainer.step_count(),
         tokens: trainer.tokens(),
         sampler: trainer.sampler_state(),
+        dropout: Some(trainer.dropout_state()),
         best_val_loss: tracker.best,
         best_step: tracker.best_step,
         val_loss,

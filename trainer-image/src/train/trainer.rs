@@ -1,6 +1,8 @@
 //! One optimizer step and one evaluation: the core the `pretrain` loop repeats.
 
 use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use taper_crds::{
     model::GptConfig,
     training::{Precision, ResolvedTraining},
@@ -8,7 +10,7 @@ use taper_crds::{
 
 use super::{
     checkpoint::TrainerState,
-    data::{BatchSampler, DataError, TokenSplit},
+    data::{BatchSampler, DataError, SamplerState, TokenSplit},
     optim::{AdamW, AdamWConfig, Grads, OptimError},
     schedule::CosineSchedule,
 };
@@ -74,6 +76,11 @@ pub struct Trainer {
     optim: AdamW,
     schedule: CosineSchedule,
     sampler: BatchSampler,
+    /// Dropout masks in training (never in evaluation or generation): its own stream,
+    /// seeded from the run's seed and saved in checkpoints, so a resumed run draws the
+    /// masks an uninterrupted one would have.
+    dropout: ChaCha8Rng,
+    dropout_seed: u64,
     device: Device,
     tokens: u64,
     lr_scale: f64,
@@ -108,6 +115,7 @@ impl Trainer {
             decay_steps: train.decay_steps as u64,
         };
         let sampler = BatchSampler::new(train.seed as u64);
+        let dropout_seed = dropout_seed(train.seed as u64);
         Ok(Self {
             cfg,
             train,
@@ -117,6 +125,8 @@ impl Trainer {
             optim,
             schedule,
             sampler,
+            dropout: ChaCha8Rng::seed_from_u64(dropout_seed),
+            dropout_seed,
             device,
             tokens: 0,
             lr_scale: 1.0,
@@ -135,6 +145,13 @@ impl Trainer {
         self.params.load_from(model)?;
         self.optim.load_state(optimizer, state.step)?;
         self.sampler = BatchSampler::resume(state.sampler);
+        let dropout = state.dropout.unwrap_or(SamplerState {
+            seed: self.dropout_seed,
+            word_pos: 0,
+        });
+        self.dropout = ChaCha8Rng::seed_from_u64(dropout.seed);
+        self.dropout.set_word_pos(dropout.word_pos);
+        self.dropout_seed = dropout.seed;
         self.tokens = state.tokens;
         self.lr_scale = state.lr_scale;
         Ok(())
@@ -151,8 +168,16 @@ impl Trainer {
     }
 
     /// The sampler's position.
-    pub fn sampler_state(&self) -> super::data::SamplerState {
+    pub fn sampler_state(&self) -> SamplerState {
         self.sampler.state()
+    }
+
+    /// The dropout stream's position.
+    pub fn dropout_state(&self) -> SamplerState {
+        SamplerState {
+            seed: self.dropout_seed,
+            word_pos: self.dropout.get_word_pos(),
+        }
     }
 
     /// Multiplier on the scheduled learning rate.
@@ -185,22 +210,6 @@ impl Trainer {
         &self.optim
     }
 
-    fn batch_loss(
-        &self,
-        model: &Gpt,
-        x: &Tensor,
-        y: &Tensor,
-        ctx: &mut ForwardCtx<'_>,
-    ) -> Result<Tensor, StepError> {
-        let logits = model.forward(x, ctx)?;
-        let (b, t, v) = logits.dims3()?;
-        Ok(cross_entropy(
-            &logits.reshape((b * t, v))?,
-            &y.flatten_all()?,
-            None,
-        )?)
-    }
-
     /// One optimizer step: `gradientAccumulationSteps` micro-batches, gradient clipping,
     /// the scheduled learning rate, AdamW.
     pub fn step(&mut self, data: &TokenSplit) -> Result<StepStats, StepError> {
@@ -212,7 +221,10 @@ impl Trainer {
         let mut loss_sum = 0.0f32;
         for _ in 0..accum {
             let (x, y) = self.sampler.batch(data, batch, block, &self.device)?;
-            let loss = self.batch_loss(&self.model, &x, &y, &mut ForwardCtx::default())?;
+            let mut ctx = ForwardCtx {
+                dropout_rng: Some(&mut self.dropout),
+            };
+            let loss = batch_loss(&self.model, &x, &y, &mut ctx)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(StepError::NonFiniteLoss(value, it + 1));
@@ -250,10 +262,31 @@ impl Trainer {
         let mut sum = 0.0f32;
         for _ in 0..iterations {
             let (x, y) = sampler.batch(data, batch, block, &self.device)?;
-            sum += self
-                .batch_loss(&self.eval_model, &x, &y, &mut ForwardCtx::default())?
+            // No dropout RNG: evaluation is deterministic.
+            sum += batch_loss(&self.eval_model, &x, &y, &mut ForwardCtx::default())?
                 .to_scalar::<f32>()?;
         }
         Ok(sum / iterations.max(1) as f32)
     }
+}
+
+/// Mean cross-entropy of `model` on one batch.
+fn batch_loss(
+    model: &Gpt,
+    x: &Tensor,
+    y: &Tensor,
+    ctx: &mut ForwardCtx<'_>,
+) -> Result<Tensor, StepError> {
+    let logits = model.forward(x, ctx)?;
+    let (b, t, v) = logits.dims3()?;
+    Ok(cross_entropy(
+        &logits.reshape((b * t, v))?,
+        &y.flatten_all()?,
+        None,
+    )?)
+}
+
+/// The dropout stream's seed: derived from the run's seed, distinct from the sampler's.
+fn dropout_seed(seed: u64) -> u64 {
+    seed ^ 0x0d70_9047_d70f_0001
 }

@@ -2,18 +2,31 @@
 //! same run: killed part way and restarted, it ends with the weights an uninterrupted run
 //! reaches.
 
-use crate::common::{TempDir, byte_dataset_dir, quick_training, runtime, tiny_run};
+use crate::common::{TempDir, byte_dataset_dir, quick_training, runtime, tiny_model, tiny_run};
 use candle_core::Device;
-use taper_crds::training::Overfitting;
+use taper_crds::{
+    report::ProgressEvent,
+    training::{Overfitting, ResolvedTraining},
+};
 use taper_trainer::{
     metrics::Metrics,
     store::{BoxFuture, LocalStore, ObjectInfo, ObjectStore, StoreError},
     train::{
         checkpoint::{Checkpointer, LATEST, MANIFEST, dir_name},
         data::open_dataset,
-        pretrain::{self, Outcome, PretrainRun},
+        pretrain::{self, EventSink, Outcome, PretrainRun},
     },
 };
+
+/// Options of [`run_job`] that some tests change.
+#[derive(Clone, Copy, Default)]
+struct JobOptions<'a> {
+    stop_after: Option<u64>,
+    dropout: f64,
+    events: Option<EventSink<'a>>,
+    /// Evaluate every this many steps instead of every 4.
+    eval_interval: Option<i64>,
+}
 
 fn run_job(
     rt: &tokio::runtime::Runtime,
@@ -21,16 +34,24 @@ fn run_job(
     store: &dyn ObjectStore,
     staging: &std::path::Path,
     max_steps: i64,
-    stop_after: Option<u64>,
     interval: u64,
+    options: JobOptions<'_>,
 ) -> Outcome {
     let (manifest, train, test) = open_dataset(data).expect("dataset");
     pretrain::run(
         rt,
         PretrainRun {
+            model: taper_crds::model::GptConfig {
+                dropout: options.dropout,
+                ..tiny_model()
+            },
+            training: ResolvedTraining {
+                eval_interval: options.eval_interval.unwrap_or(4),
+                ..quick_training(max_steps)
+            },
             checkpoint_interval: interval,
-            stop_after,
-            events: None,
+            stop_after: options.stop_after,
+            events: options.events,
             ..tiny_run(
                 &manifest,
                 &train,
@@ -73,27 +94,47 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let rt = runtime();
     let tmp = TempDir::new("resume");
     let data = byte_dataset_dir(&tmp);
+    let mut finals = Vec::new();
+    // Without dropout, and with it: the masks come from a stream saved in the checkpoint.
+    for dropout in [0.0, 0.2] {
+        let at = |name: &str| tmp.path().join(format!("{name}-{dropout}"));
+        let options = JobOptions {
+            dropout,
+            ..Default::default()
+        };
+        let straight = LocalStore::new(at("straight"));
+        let outcome = run_job(&rt, &data, &straight, &at("s1"), 12, 4, options);
+        assert_eq!(outcome, Outcome::MaxStepsReached { step: 12 });
 
-    let straight = LocalStore::new(tmp.path().join("straight"));
-    let outcome = run_job(&rt, &data, &straight, &tmp.path().join("s1"), 12, None, 4);
-    assert_eq!(outcome, Outcome::MaxStepsReached { step: 12 });
+        let resumed = LocalStore::new(at("resumed"));
+        let stopped = JobOptions {
+            stop_after: Some(5),
+            ..options
+        };
+        let first = run_job(&rt, &data, &resumed, &at("s2"), 12, 4, stopped);
+        assert_eq!(
+            first,
+            Outcome::Interrupted { step: 5 },
+            "stops with a checkpoint at step 5"
+        );
+        let (step, _) = weights(&resumed, &rt, &at("r0"));
+        assert_eq!(step, 5, "the interrupted run left its checkpoint at step 5");
+        let second = run_job(&rt, &data, &resumed, &at("s3"), 12, 4, options);
+        assert_eq!(second, Outcome::MaxStepsReached { step: 12 });
 
-    let resumed = LocalStore::new(tmp.path().join("resumed"));
-    let first = run_job(&rt, &data, &resumed, &tmp.path().join("s2"), 12, Some(5), 4);
-    assert_eq!(
-        first,
-        Outcome::Interrupted { step: 5 },
-        "stops with a checkpoint at step 5"
-    );
-    let second = run_job(&rt, &data, &resumed, &tmp.path().join("s3"), 12, None, 4);
-    assert_eq!(second, Outcome::MaxStepsReached { step: 12 });
-
-    let (step_a, wa) = weights(&straight, &rt, &tmp.path().join("r1"));
-    let (step_b, wb) = weights(&resumed, &rt, &tmp.path().join("r2"));
-    assert_eq!((step_a, step_b), (12, 12));
-    assert_eq!(
-        wa, wb,
-        "the resumed run saw the same batches and ends with identical weights"
+        let (step_a, wa) = weights(&straight, &rt, &at("r1"));
+        let (step_b, wb) = weights(&resumed, &rt, &at("r2"));
+        assert_eq!((step_a, step_b), (12, 12));
+        assert!(
+            wa == wb,
+            "dropout {dropout}: the resumed run saw the same batches and masks and ends with \
+             identical weights"
+        );
+        finals.push(wa);
+    }
+    assert!(
+        finals[0] != finals[1],
+        "dropout 0.2 trains differently from dropout 0: it is applied"
     );
 }
 
@@ -103,8 +144,32 @@ fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_t
     let tmp = TempDir::new("fallback");
     let data = byte_dataset_dir(&tmp);
     let store = LocalStore::new(tmp.path().join("ckpt"));
-    run_job(&rt, &data, &store, &tmp.path().join("s"), 12, None, 2);
+    let evals = std::sync::Mutex::new(Vec::new());
+    let record = |e: &ProgressEvent| {
+        if let ProgressEvent::Eval(r) = e {
+            evals.lock().expect("lock").push((r.step, r.val_loss));
+        }
+    };
+    let options = JobOptions {
+        events: Some(EventSink(&record)),
+        eval_interval: Some(2),
+        ..Default::default()
+    };
+    run_job(&rt, &data, &store, &tmp.path().join("s"), 12, 2, options);
     let ck = Checkpointer::new(&store, tmp.path().join("r"));
+    // The best, from the evaluations the run printed (with a checkpoint every 2 steps, so
+    // the newest two both carry a validation loss and a wrong pick among them shows).
+    let evals = evals.into_inner().expect("lock");
+    assert_eq!(
+        evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [2, 4, 6, 8, 10, 12],
+        "{evals:?}"
+    );
+    let lowest = evals
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|e| e.0)
+        .expect("evaluations");
 
     // Retention: the newest two (steps 10 and 12) plus the best by validation loss.
     let listed = rt.block_on(ck.list()).expect("list");
@@ -113,12 +178,14 @@ fn resume_skips_corrupt_missing_and_incomplete_checkpoints_and_retention_keeps_t
         .block_on(ck.best())
         .expect("best")
         .expect("a best checkpoint");
-    assert!(steps.ends_with(&[10, 12]), "{steps:?}");
-    assert!(
-        steps.len() <= 3 && steps.contains(&best.manifest.step),
-        "{steps:?}, best {}",
-        best.manifest.step
+    assert_eq!(
+        best.manifest.step, lowest,
+        "the best checkpoint is the evaluation with the lowest validation loss: {evals:?}"
     );
+    let mut expected = vec![lowest, 10, 12];
+    expected.sort_unstable();
+    expected.dedup();
+    assert_eq!(steps, expected, "the newest two plus the best");
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.path(LATEST)).expect("latest.json"))
             .expect("json");
@@ -305,7 +372,15 @@ fn a_checkpoint_is_identified_by_the_sha256_of_its_stored_manifest() {
     let tmp = TempDir::new("manifest-sha");
     let data = byte_dataset_dir(&tmp);
     let first = LocalStore::new(tmp.path().join("first"));
-    run_job(&rt, &data, &first, &tmp.path().join("s"), 4, None, 4);
+    run_job(
+        &rt,
+        &data,
+        &first,
+        &tmp.path().join("s"),
+        4,
+        4,
+        JobOptions::default(),
+    );
     let loaded = rt
         .block_on(Checkpointer::new(&first, tmp.path().join("r")).resume(&Device::Cpu))
         .expect("resume")

@@ -8,6 +8,7 @@ mod checkpoint_resume;
 mod cli;
 mod common;
 mod contract;
+mod dropout;
 mod gpt_gradients;
 mod learns_shakespeare;
 mod mixed_precision;
