@@ -30,6 +30,46 @@ pub fn shared_data_dir() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// [`shared_data_dir`], or `None` after recording the running test as skipped
+/// ([`skip`]). Tests that need the corpora begin with
+/// `let Some(data) = taper_e2e::shared_data_or_skip() else { return };`.
+pub fn shared_data_or_skip() -> Option<PathBuf> {
+    let dir = shared_data_dir();
+    if dir.is_none() {
+        skip("../shared/data is absent (a fresh clone; set TAPER_SHARED_DATA to run it)");
+    }
+    dir
+}
+
+/// Record that the running test skips its checks, and why. A test that returns early
+/// would otherwise count as passed: this prints `SKIPPED: <test>: <reason>` and, when
+/// `TAPER_SKIP_LOG` names a file (as `scripts/test.sh` does), appends `<test>\t<reason>`
+/// to it, so the suite's summary counts and names every skip (and fails under `CI=true`).
+/// The test's name is its thread's, which the test harness sets.
+pub fn skip(reason: &str) {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("<unnamed test>");
+    eprintln!("SKIPPED: {test}: {reason}");
+    if let Some(log) = std::env::var_os("TAPER_SKIP_LOG") {
+        use std::io::Write;
+        // One write of the whole line: tests run in parallel threads, and an append of
+        // this size is not interleaved with another's.
+        let line = format!("{test}\t{reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            // The skip must not go unseen: a test that cannot record it fails.
+            panic!(
+                "cannot record the skip of {test} in {}: {e}",
+                PathBuf::from(log).display()
+            );
+        }
+    }
+}
+
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -47,7 +47,7 @@ pub(crate) fn trainer_pod_checks(
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let job = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: e2e\nspec:\n  datasetRef:\n    name: synthetic\n  model:\n    preset: tiny\n  training:\n    batchSize: 2\n    maxSteps: 100000\n    warmupSteps: 10\n  evaluation:\n    interval: 100000\n    iterations: 1\n  checkpoints:\n    interval: 100000\n";
+    let job = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: e2e\nspec:\n  datasetRef:\n    name: synthetic\n  model:\n    preset: tiny\n  training:\n    batchSize: 2\n    maxSteps: 100000\n    warmupSteps: 10\n  evaluation:\n    interval: 2\n    iterations: 1\n  checkpoints:\n    interval: 100000\n";
     let bad = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: bad\nspec:\n  datasetRef:\n    name: synthetic\n  model:\n    preset: tiny\n  training:\n    learningRate: 0.0\n";
     let metrics_port = taper_e2e::minio::free_port().expect("port");
     let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
@@ -120,9 +120,25 @@ pub(crate) fn trainer_pod_checks(
             std::fs::read_to_string(log).unwrap_or_default()
         )
     };
-    let scraped = eventually_or(
+    // The suite's real Prometheus scrapes the pod; the figures are read back through its
+    // HTTP API, as a dashboard would.
+    let prometheus = taper_e2e::prometheus::Prometheus::start(
+        "taper-trainer",
+        &[format!("127.0.0.1:{metrics_port}")],
+    )
+    .expect("prometheus starts (e2e/scripts/build-tools.sh prometheus)");
+    let sample = |promql: &str| -> Option<(Value, f64)> {
+        let answer = prometheus.query(promql).ok()?;
+        let result = answer["data"]["result"].as_array()?;
+        let [one] = result.as_slice() else {
+            return None;
+        };
+        let value: f64 = one["value"][1].as_str()?.parse().ok()?;
+        Some((one["metric"].clone(), value))
+    };
+    let (step_labels, step) = eventually_or(
         120,
-        "the trainer pod serves metrics with step >= 2",
+        "Prometheus has scraped the trainer pod at step >= 2 with a validation loss",
         describe,
         || {
             let phase = kubectl(
@@ -144,13 +160,47 @@ pub(crate) fn trainer_pod_checks(
                 "the trainer pod failed:\n{}",
                 describe()
             );
-            let (status, body) = taper_e2e::http::get(metrics_port, "/metrics")?;
-            let prefix = format!("{}{{", pod::metric::TRAIN_STEP);
-            let step = body.lines().find(|l| l.starts_with(&prefix))?;
-            let value: f64 = step.rsplit(' ').next()?.parse().ok()?;
-            (status == 200 && value >= 2.0).then_some(body)
+            let (labels, step) = sample(&format!(
+                "{}{{namespace=\"train\"}}",
+                pod::metric::TRAIN_STEP
+            ))?;
+            sample(&format!("{}{{namespace=\"train\"}}", pod::metric::VAL_LOSS))?;
+            (step >= 2.0).then_some((labels, step))
         },
     );
+    // The series carries the job's bounded labels and nothing unbounded (the scrape adds
+    // `job` and `instance`).
+    let mut keys: Vec<&str> = step_labels
+        .as_object()
+        .expect("labels")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["__name__", "instance", "job", "kind", "name", "namespace"],
+        "{step_labels}"
+    );
+    assert_eq!(step_labels["kind"], "PretrainJob", "{step_labels}");
+    assert_eq!(step_labels["name"], "e2e", "{step_labels}");
+    assert_eq!(step_labels["namespace"], "train", "{step_labels}");
+    assert_eq!(step_labels["job"], "taper-trainer", "{step_labels}");
+    assert!(step.fract() == 0.0, "the step is a whole number: {step}");
+    for metric in [pod::metric::TRAIN_LOSS, pod::metric::VAL_LOSS] {
+        let (_, loss) = sample(&format!("{metric}{{namespace=\"train\",name=\"e2e\"}}"))
+            .unwrap_or_else(|| panic!("{metric} is in Prometheus"));
+        // An untrained tiny GPT starts near ln(50304) = 10.8.
+        assert!(
+            loss.is_finite() && loss > 0.0 && loss < 12.0,
+            "{metric} = {loss}"
+        );
+    }
+    drop(prometheus);
+    // The raw endpoint serves the same series.
+    let (status, scraped) =
+        taper_e2e::http::get(metrics_port, "/metrics").expect("the pod serves /metrics");
+    assert_eq!(status, 200);
     assert!(scraped.contains("namespace=\"train\""), "{scraped}");
     let phase = ok(
         &kubectl(

@@ -19,10 +19,7 @@ fn version_names_the_program() {
 /// stop (as Ctrl-C would) with a checkpoint, run again and resume at the same step.
 #[test]
 fn quickstart_prepares_pretrains_stops_and_resumes() {
-    let Some(shared) = taper_e2e::shared_data_dir() else {
-        eprintln!(
-            "SKIP: ../shared/data is absent (a fresh clone); the quickstart reads tinyshakespeare.txt from it"
-        );
+    let Some(shared) = taper_e2e::shared_data_or_skip() else {
         return;
     };
     // The pipeline's relative paths (`file://../shared/data/…`, `file://.taper/…`) resolve
@@ -111,7 +108,7 @@ fn sigterm_checkpoints_and_exits_retryable_then_the_run_resumes() {
         &job,
         "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: sig}\nspec:\n  datasetRef: {name: d}\n  \
          model: {preset: tiny, nLayer: 1, vocabSize: 256}\n  training: {batchSize: 2, gradientAccumulationSteps: 1, \
-         maxSteps: 100000, warmupSteps: 10, precision: f32}\n  evaluation: {interval: 100000, iterations: 1}\n",
+         maxSteps: 100000, warmupSteps: 10, precision: f32}\n  evaluation: {interval: 2, iterations: 1}\n",
     )
     .expect("job");
     let ckpt = format!("file://{}", tmp.path().join("ckpt").display());
@@ -152,18 +149,52 @@ fn sigterm_checkpoints_and_exits_retryable_then_the_run_resumes() {
     write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
     let mut body = String::new();
     conn.read_to_string(&mut body).expect("response");
-    assert!(
-        body.contains("taper_train_loss{kind=\"PretrainJob\",name=\"sig\",namespace=\"local\"}"),
-        "{body}"
-    );
-    for metric in [
-        "taper_train_step",
-        "taper_train_tokens_total",
-        "taper_step_duration_seconds_bucket",
-        "taper_learning_rate",
-    ] {
-        assert!(body.contains(metric), "{metric} missing:\n{body}");
+    let samples = parse_exposition(&body);
+    // Every sample of every trainer metric, with the job's labels and nothing unbounded.
+    for name in taper_crds::pod::metric::ALL {
+        assert!(
+            samples.iter().any(|s| s.0.starts_with(name)),
+            "{name} missing:\n{body}"
+        );
     }
+    for (name, labels, _) in samples.iter().filter(|s| s.0.starts_with("taper_")) {
+        let mut keys: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+        keys.retain(|k| *k != "le"); // histogram buckets
+        keys.sort_unstable();
+        assert_eq!(keys, ["kind", "name", "namespace"], "{name}: {labels:?}");
+        let value = |k: &str| labels.iter().find(|l| l.0 == k).map(|l| l.1.as_str());
+        assert_eq!(
+            (value("kind"), value("namespace"), value("name")),
+            (Some("PretrainJob"), Some("local"), Some("sig")),
+            "{name}"
+        );
+    }
+    let get = |name: &str| -> f64 {
+        samples
+            .iter()
+            .find(|s| s.0 == name)
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("{name}:\n{body}"))
+    };
+    // Read after the step-3 event: the step is at least 3 and whole (later steps may have
+    // run since); the losses are finite and near ln(256) for an untrained byte model.
+    let step = get(taper_crds::pod::metric::TRAIN_STEP);
+    assert!(step >= 3.0 && step.fract() == 0.0, "step {step}");
+    for name in [
+        taper_crds::pod::metric::TRAIN_LOSS,
+        taper_crds::pod::metric::VAL_LOSS,
+    ] {
+        let loss = get(name);
+        assert!(
+            loss.is_finite() && (4.0..6.5).contains(&loss),
+            "{name} {loss}"
+        );
+    }
+    assert!(
+        get(taper_crds::pod::metric::TRAIN_TOKENS) >= 3.0 * 2.0 * 64.0,
+        "3 steps of 2 sequences of 64 tokens"
+    );
+    assert!(get(taper_crds::pod::metric::LEARNING_RATE) > 0.0);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -254,4 +285,32 @@ fn a_missing_dataset_is_a_permanent_data_error() {
         stderr.contains("/nonexistent/taper-data/manifest.json"),
         "{stderr}"
     );
+}
+
+/// One sample of a Prometheus text exposition: name, labels and value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a Prometheus text exposition.
+fn parse_exposition(body: &str) -> Vec<Sample> {
+    let body = body.split_once("\r\n\r\n").map_or(body, |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .filter_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            Some((name.to_string(), labels, value))
+        })
+        .collect()
 }

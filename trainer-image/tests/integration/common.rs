@@ -169,13 +169,10 @@ pub fn dataset(spec: serde_json::Value) -> taper_crds::Dataset {
     .expect("dataset")
 }
 
-/// `../shared/data`, or `None` with a message when it is absent (a user's fresh clone).
+/// `../shared/data`, or `None` when it is absent (a user's fresh clone), the running test
+/// then recorded as skipped (see [`taper_e2e::skip`]).
 pub fn shared() -> Option<PathBuf> {
-    let dir = taper_e2e::shared_data_dir();
-    if dir.is_none() {
-        eprintln!("skipped: ../shared/data is absent (set TAPER_SHARED_DATA to run this test)");
-    }
-    dir
+    taper_e2e::shared_data_or_skip()
 }
 
 /// A Dataset `cleaning` block with every switchable cleaning step and quality rule off.
