@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch reference numbers for Taper's AdamW / LR-schedule / grad-clip unit tests.
 
-Produces ``trainer-image/tests/fixtures/adamw_reference.json``: four steps of
+Produces ``trainer-image/tests/fixtures/adamw_reference.json``: eight steps of
 torch.optim.AdamW (float64, CPU) on two tiny parameters, with nanoGPT-style
 weight-decay groups (decay only on the >=2-D tensor ``w``), the nanoGPT cosine
 learning-rate schedule with linear warmup, and global L2-norm gradient
-clipping (torch.nn.utils.clip_grad_norm_, max_norm=1.0) before every step.
+clipping (torch.nn.utils.clip_grad_norm_, max_norm=1.0) before every step. The
+first four steps' gradients exceed the norm and are clipped; the last four are small
+enough to pass through unclipped, and the last two fall after the decay (min lr).
 The JSON records the inputs, the hyper-parameters, the schedule for it=0..8,
 and per step: the pre-clip grads and global norm, the post-clip grads, the lr
 used, and after the step the parameters and torch's optimizer state
@@ -40,7 +42,7 @@ EPS = 1e-8
 WD_W = 0.1
 WD_B = 0.0
 MAX_NORM = 1.0
-N_STEPS = 4
+N_STEPS = 8
 SCHEDULE_ITS = 9  # it = 0..8
 
 SCHEDULE_DEF = (
@@ -63,8 +65,14 @@ def get_lr(it):
 
 
 def grads_at(it):
-    gw = torch.tensor(GW_BASE, dtype=torch.float64) * (it + 1) * 0.7
-    gb = torch.tensor(GB_BASE, dtype=torch.float64) * (1 - 0.3 * it)
+    if it < 4:
+        # Global norm 1.9 to 7.5: clipped.
+        gw = torch.tensor(GW_BASE, dtype=torch.float64) * (it + 1) * 0.7
+        gb = torch.tensor(GB_BASE, dtype=torch.float64) * (1 - 0.3 * it)
+    else:
+        # Global norm 0.07 to 0.28: not clipped.
+        gw = torch.tensor(GW_BASE, dtype=torch.float64) * (it - 3) * 0.025
+        gb = torch.tensor(GB_BASE, dtype=torch.float64) * (0.05 - 0.01 * it)
     return gw, gb
 
 
@@ -115,6 +123,7 @@ def main():
                 "lr": lr,
                 "grad_norm_pre_clip": float(total_norm),
                 "clip_coef": min(1.0, MAX_NORM / (float(total_norm) + 1e-6)),
+                "clipped": float(total_norm) > MAX_NORM,
                 "grad_w_pre_clip": tl(gw),
                 "grad_b_pre_clip": tl(gb),
                 "grad_w_post_clip": tl(post_w),
@@ -153,8 +162,9 @@ def main():
             "w": W0,
             "b": B0,
             "grad_formula": {
-                "grad_w": "[[1.0,-2.0,0.5],[0.3,0.0,-1.5]] * (it+1) * 0.7",
-                "grad_b": "[0.2,-0.4,1.1] * (1 - 0.3*it)",
+                "grad_w": "[[1.0,-2.0,0.5],[0.3,0.0,-1.5]] * (it+1) * 0.7 for it < 4, "
+                "else * (it-3) * 0.025",
+                "grad_b": "[0.2,-0.4,1.1] * (1 - 0.3*it) for it < 4, else * (0.05 - 0.01*it)",
             },
             "grads_pre_clip": pre_clip,
         },
@@ -180,7 +190,10 @@ def main():
         f.write("\n")
     print(f"torch {torch.__version__}")
     for s in steps:
-        print(f"it={s['it']} lr={s['lr']!r} norm={s['grad_norm_pre_clip']!r} w[0][0]={s['w'][0][0]!r}")
+        print(
+            f"it={s['it']} lr={s['lr']!r} norm={s['grad_norm_pre_clip']!r} "
+            f"clipped={s['clipped']} w[0][0]={s['w'][0][0]!r}"
+        )
     print(f"wrote {OUT_PATH} ({os.path.getsize(OUT_PATH)} bytes)")
 
 

@@ -199,7 +199,22 @@ fn every_line_the_trainer_prints_parses_into_the_contract_types() {
         let bytes = std::fs::read(root.join(dir).join("manifest.json")).expect("manifest");
         assert_eq!(c.sha256, hex::encode(Sha256::digest(&bytes)), "{}", c.uri);
     }
+    // The best is the evaluation the run printed with the lowest validation loss (every
+    // evaluation step here also saved a checkpoint).
+    let lowest = events
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Eval(r) => Some((r.step, r.val_loss)),
+            _ => None,
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(step, _)| step)
+        .expect("evaluations");
     let best = status.best_checkpoint.clone().expect("a best checkpoint");
+    assert!(
+        best.ends_with(&format!("step-{lowest:09}")),
+        "{best}: the lowest validation loss was at step {lowest}"
+    );
     assert!(
         recorded.iter().any(|r| best.ends_with(r.as_str())),
         "{best}"

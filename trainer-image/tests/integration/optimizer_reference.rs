@@ -1,7 +1,7 @@
 //! AdamW, the learning-rate schedule and gradient clipping reproduce `torch.optim.AdamW`,
 //! nanoGPT's `get_lr` and `clip_grad_norm_` step by step. The numbers come from
 //! `tests/fixtures/adamw_reference.json`, written by `scripts/reference/adamw_fixture.py`
-//! with PyTorch in float64.
+//! with PyTorch in float64: four clipped steps, then four under the norm.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +41,14 @@ fn assert_close(got: &Tensor, want: &Value, what: &str) {
         .and_then(|t| t.to_vec1::<f64>())
         .expect("values");
     let want = floats(want);
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: {} values vs PyTorch's {}",
+        got.len(),
+        want.len()
+    );
+    assert!(!want.is_empty(), "{what}: the fixture holds no values");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!(
             (g - w).abs() <= 1e-12 * w.abs().max(1.0),
@@ -95,8 +103,19 @@ fn adamw_with_clipping_matches_pytorch_step_by_step() {
     );
     let mut opt = AdamW::new(&params, cfg, |_| true).expect("optimizer");
     let max_norm = h["max_grad_norm"].as_f64().expect("max norm");
+    let steps = f["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 8, "the fixture's steps");
+    let clipped: Vec<bool> = steps
+        .iter()
+        .map(|s| s["clipped"].as_bool().expect("clipped"))
+        .collect();
+    assert_eq!(
+        clipped,
+        [true, true, true, true, false, false, false, false],
+        "both paths are compared: clipped and unclipped steps"
+    );
 
-    for step in f["steps"].as_array().expect("steps") {
+    for step in steps {
         let mut grads = Grads::new();
         grads.insert("w", tensor(&step["grad_w_pre_clip"], &[2, 3]));
         grads.insert("b", tensor(&step["grad_b_pre_clip"], &[3]));
@@ -116,6 +135,14 @@ fn adamw_with_clipping_matches_pytorch_step_by_step() {
             &step["grad_b_post_clip"],
             "clipped grad b",
         );
+        if !step["clipped"].as_bool().expect("clipped") {
+            // Under the norm the gradients pass through unchanged.
+            assert_close(
+                grads.get("w").expect("w grad"),
+                &step["grad_w_pre_clip"],
+                "unclipped grad w",
+            );
+        }
 
         opt.step(&grads, step["lr"].as_f64().expect("lr"))
             .expect("step");

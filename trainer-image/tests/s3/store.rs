@@ -4,15 +4,15 @@
 
 use crate::common::{TempDir, byte_dataset_dir, tiny_run};
 use candle_core::Device;
-use taper_crds::exit;
+use taper_crds::{exit, report::ProgressEvent};
 use taper_e2e::minio::Minio;
 use taper_trainer::{
     job::JobError,
-    store::{ObjectStore, S3Settings, S3Store, StoreError},
+    store::{LocalStore, ObjectStore, S3Settings, S3Store, StoreError},
     train::{
         checkpoint::Checkpointer,
         data::open_dataset,
-        pretrain::{self, Outcome, PretrainRun},
+        pretrain::{self, EventSink, Outcome, PretrainRun},
     },
 };
 
@@ -121,37 +121,72 @@ fn s3_store_against_minio() {
     let data = byte_dataset_dir(&tmp);
     let (manifest, train, test) = open_dataset(&data).expect("dataset");
     let store = rt.block_on(bucket(&minio, "checkpoints", "ns/pj/run", settings(&minio)));
-    let run = |stop_after: Option<u64>, staging: &str| {
+    let started = std::sync::Mutex::new(Vec::new());
+    let record = |e: &ProgressEvent| {
+        if let ProgressEvent::Started(s) = e {
+            started.lock().expect("lock").push(s.clone());
+        }
+    };
+    let run = |store: &dyn ObjectStore, stop_after: Option<u64>, staging: &str| {
         pretrain::run(
             &rt,
             PretrainRun {
                 overfitting: Default::default(),
                 stop_after,
-                events: None,
-                ..tiny_run(
-                    &manifest,
-                    &train,
-                    &test,
-                    &store,
-                    tmp.path().join(staging),
-                    8,
-                )
+                events: Some(EventSink(&record)),
+                ..tiny_run(&manifest, &train, &test, store, tmp.path().join(staging), 8)
             },
         )
     };
     assert_eq!(
-        run(Some(3), "a").expect("first run"),
+        run(&store, Some(3), "a").expect("first run"),
         Outcome::Interrupted { step: 3 }
     );
     assert_eq!(
-        run(None, "b").expect("resumed run"),
+        run(&store, None, "b").expect("resumed run"),
         Outcome::MaxStepsReached { step: 8 }
     );
-    let loaded = rt
-        .block_on(Checkpointer::new(&store, tmp.path().join("c")).resume(&Device::Cpu))
-        .expect("resume")
-        .expect("checkpoint in S3");
-    assert_eq!(loaded.state.step, 8);
+    // The second run continued from the first one's checkpoint at step 3, not from 0.
+    let starts = started.lock().expect("lock").clone();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(
+        (starts[0].step, starts[0].resumed_from.as_deref()),
+        (0, None)
+    );
+    assert_eq!(starts[1].step, 3, "{starts:?}");
+    assert_eq!(
+        starts[1].resumed_from.as_deref(),
+        Some("s3://checkpoints/ns/pj/run/step-000000003"),
+        "{starts:?}"
+    );
+    let final_weights = |store: &dyn ObjectStore, staging: &str| {
+        let loaded = rt
+            .block_on(Checkpointer::new(store, tmp.path().join(staging)).resume(&Device::Cpu))
+            .expect("resume")
+            .expect("a checkpoint");
+        let weights: Vec<(String, Vec<f32>)> = loaded
+            .model
+            .iter()
+            .map(|(k, t)| {
+                let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+                (k.clone(), v.expect("values"))
+            })
+            .collect();
+        (loaded.state.step, weights)
+    };
+    // An uninterrupted run, on the local disk, reaches the same weights.
+    let local = LocalStore::new(tmp.path().join("uninterrupted"));
+    assert_eq!(
+        run(&local, None, "d").expect("uninterrupted run"),
+        Outcome::MaxStepsReached { step: 8 }
+    );
+    let (step_s3, w_s3) = final_weights(&store, "c");
+    let (step_local, w_local) = final_weights(&local, "e");
+    assert_eq!((step_s3, step_local), (8, 8));
+    assert!(
+        w_s3 == w_local,
+        "the run resumed from S3 ends with the weights of an uninterrupted run"
+    );
 
     // `taper prepare` reads its sources from S3 prefixes and globs.
     crate::prepare_sources::from_s3(&minio, &rt);
