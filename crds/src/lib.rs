@@ -1,9 +1,11 @@
 //! API types of Taper's custom resources (group `taper.dev`, version `v1alpha1`).
 //!
-//! Pure data: specs, statuses, conditions, defaults and the CEL validation rules the
-//! API server enforces. No I/O, no Kubernetes client, no tensors. The operator and the
-//! trainer both read these types, so a job is validated identically at admission and at
-//! run time.
+//! Pure data: specs, statuses, conditions, defaults and the validation the API server
+//! enforces: the structural schema (types, bounds, unknown fields), checked client-side by
+//! [`schema`] whenever [`parse_manifests`] reads a manifest, and the CEL rules, by
+//! `validate` (feature `cel`). No I/O, no Kubernetes client, no tensors. The operator and
+//! the trainer both read these types, so a job is validated identically at admission and
+//! at run time.
 
 pub mod conditions;
 pub mod dataset;
@@ -16,6 +18,7 @@ pub mod pod;
 pub mod pretrain;
 pub mod report;
 pub mod resources;
+pub mod schema;
 pub mod store;
 pub mod training;
 

@@ -1,6 +1,7 @@
-//! Job files as the CLI reads them: Taper objects parsed and validated against the CRDs'
-//! CEL rules (as the API server would at `kubectl apply`), and a one-line description
-//! of each for people.
+//! Job files as the CLI reads them: Taper objects validated as the API server validates
+//! them at `kubectl apply` (first the CRDs' structural schema: unknown fields, types,
+//! bounds, required fields, with the API server's field paths and words; then the CEL
+//! rules), and a one-line description of each for people.
 
 use std::path::Path;
 
@@ -17,12 +18,12 @@ pub enum ManifestFileError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The YAML is not Taper objects.
+    /// The YAML is not Taper objects, or breaks their CRD's structural schema.
     #[error("{origin}: {source}")]
     Manifest {
         /// The file (or "embedded quickstart").
         origin: String,
-        /// The parser's error, naming the field.
+        /// The parser's or the schema's error, naming the field.
         source: taper_crds::ManifestError,
     },
     /// No object in it.
@@ -45,7 +46,9 @@ pub enum ManifestFileError {
     },
 }
 
-/// The objects of `text` (from `origin`), each validated as the API server would.
+/// The objects of `text` (from `origin`), each validated as the API server would: against
+/// its CRD's structural schema while parsing (`taper_crds::parse_manifests`), then against
+/// the CEL rules.
 pub fn load(origin: &str, text: &str) -> Result<Vec<TaperObject>, ManifestFileError> {
     let objects = parse_manifests(text).map_err(|source| ManifestFileError::Manifest {
         origin: origin.to_string(),

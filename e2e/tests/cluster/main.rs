@@ -7,16 +7,21 @@
 //!
 //! The checks, by concern: `crds` (the CRDs in the API server), `cel` (every CEL rule
 //! against the bad manifests of `crds/tests/cel_cases/invalid-manifests.yaml`, the table
-//! the crds tests share), `pods` (admission and the pod runner), `trainer` (a training pod
-//! end to end); `support` holds kubectl and the retry helpers.
+//! the crds tests share), `schema` (every bound, type, required field and closed object of
+//! the CRDs' structural schema against the manifests `crds/tests/schema_cases` derives,
+//! refused with the client-side validator's words), `pods` (admission and the pod runner),
+//! `trainer` (a training pod end to end); `support` holds kubectl and the retry helpers.
 
 #[path = "../../../crds/tests/cel_cases/mod.rs"]
 mod cel_cases;
+#[path = "../../../crds/tests/schema_cases/mod.rs"]
+mod schema_cases;
 
 mod cel;
 mod crds;
 mod operator;
 mod pods;
+mod schema;
 mod support;
 mod trainer;
 
@@ -114,8 +119,11 @@ async fn control_plane_suite() {
         .await
         .expect("cluster checks");
 
-    step("a `taper --version` pod in a restricted namespace runs to Succeeded");
+    step("every check of the CRDs' structural schema: kube-apiserver refuses as taper's validator");
     let admin = plane.client(cluster::ADMIN).await.expect("admin client");
+    schema::check_schema_checks(&admin, &kubeconfig).await;
+
+    step("a `taper --version` pod in a restricted namespace runs to Succeeded");
     let kc = kubeconfig.clone();
     tokio::task::spawn_blocking(move || pods::pod_checks(&kc))
         .await

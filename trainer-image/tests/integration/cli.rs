@@ -95,6 +95,39 @@ fn validate_refuses_a_bad_manifest_naming_the_field() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The CRD's schema bounds, not only its CEL rules: the API server refuses a negative batch
+/// size by `minimum: 1`, and so does `taper validate`, with the API server's words.
+#[test]
+fn validate_refuses_a_value_out_of_the_schema_bounds_naming_the_field() {
+    let tmp = common::TempDir::new("validate-bounds");
+    let file = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: bad}\n\
+         spec:\n  datasetRef: {name: d}\n  model: {preset: tiny}\n  training: {batchSize: -4}\n",
+    )
+    .expect("write manifest");
+    let out = taper()
+        .args(["validate", "--job"])
+        .arg(&file)
+        .output()
+        .expect("taper runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "permanent error exit code; stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "PretrainJob bad) is invalid: spec.training.batchSize: Invalid value: -4: \
+             spec.training.batchSize in body should be greater than or equal to 1"
+        ),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
 /// SIGTERM finishes the step, saves a checkpoint and exits 75; the next run resumes at that
 /// step. Meanwhile `/metrics` serves the training metrics with bounded labels.
 #[test]
