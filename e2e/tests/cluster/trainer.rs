@@ -31,7 +31,7 @@ pub(crate) fn trainer_pod_checks(
     std::fs::write(corpus.join("corpus.txt"), text).expect("corpus");
     let data = corpus.join("dataset");
     let dataset = format!(
-        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata:\n  name: synthetic\nspec:\n  sources:\n    - name: synthetic\n      uri: file://{}\n      format: text\n  cleaning:\n    disable: [gopherWordCount, gopherStopWords, c4TerminalPunctuation, c4ShortLines]\n  dedup:\n    minhash:\n      enabled: false\n  split:\n    testSize: 0.1\n  output:\n    uri: file://{}\n",
+        "apiVersion: taper.dev/v1alpha1\nkind: Dataset\nmetadata:\n  name: synthetic\nspec:\n  sources:\n    - name: synthetic\n      uri: file://{}\n      format: text\n  cleaning:\n    disable: [gopherWordCount, gopherStopWords, c4TerminalPunctuation, c4ShortLines]\n  dedup:\n    minhash:\n      enabled: false\n    decontamination:\n      enabled: false\n  split:\n    testSize: 0.1\n  output:\n    uri: file://{}\n",
         corpus.join("corpus.txt").display(),
         data.display()
     );
@@ -164,8 +164,10 @@ pub(crate) fn trainer_pod_checks(
                 "{}{{namespace=\"train\"}}",
                 pod::metric::TRAIN_STEP
             ))?;
-            sample(&format!("{}{{namespace=\"train\"}}", pod::metric::VAL_LOSS))?;
-            (step >= 2.0).then_some((labels, step))
+            // The gauge reads 0 until the first evaluation (at step 2) sets it.
+            let (_, val_loss) =
+                sample(&format!("{}{{namespace=\"train\"}}", pod::metric::VAL_LOSS))?;
+            (step >= 2.0 && val_loss > 0.0).then_some((labels, step))
         },
     );
     // The series carries the job's bounded labels and nothing unbounded (the scrape adds
