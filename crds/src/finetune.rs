@@ -181,6 +181,12 @@ pub struct FinetuneOutput {
     printcolumn(name = "Train Loss", type_ = "number", json_path = ".status.trainLoss"),
     printcolumn(name = "Val Loss", type_ = "number", json_path = ".status.valLoss"),
     printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.eta",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

@@ -94,6 +94,13 @@ pub struct JobStatus {
     /// Training tokens processed so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<i64>,
+    /// The step the run ends at (`maxSteps`), as the trainer reported it at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<i64>,
+    /// Estimated completion time: the remaining steps at the current throughput. Absent
+    /// before the first step and once the run ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<Time>,
     /// Latest training loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,

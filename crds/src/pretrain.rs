@@ -39,6 +39,12 @@ use crate::{
         priority = 1
     ),
     printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.eta",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

@@ -30,9 +30,11 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 pub const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The status fields the trainer owns on a PretrainJob or FinetuneJob.
-const JOB_FIELDS: [&str; 11] = [
+const JOB_FIELDS: [&str; 13] = [
     "step",
     "tokens",
+    "maxSteps",
+    "eta",
     "trainLoss",
     "valLoss",
     "bestValLoss",

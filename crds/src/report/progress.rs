@@ -183,10 +183,13 @@ impl JobStatus {
             ProgressEvent::Started(s) => {
                 self.step = Some(signed(s.step));
                 self.tokens = Some(signed(s.tokens));
+                self.max_steps = Some(signed(s.max_steps));
+                self.eta = None;
             }
             ProgressEvent::Step(s) => {
                 self.step = Some(signed(s.step));
                 self.tokens = Some(signed(s.tokens));
+                self.eta = self.max_steps.and_then(|max| eta(s, max, now));
                 self.train_loss = Some(s.loss);
                 self.learning_rate = Some(s.lr);
                 self.tokens_per_second = Some(s.tokens_per_second);
@@ -227,6 +230,7 @@ impl JobStatus {
                     Outcome::Interrupted => return,
                 };
                 self.phase = JobPhase::Succeeded;
+                self.eta = None;
                 let message = format!("finished at step {}", d.step);
                 for (type_, status) in [
                     (ConditionType::Ready, ConditionStatus::True),
@@ -242,6 +246,19 @@ impl JobStatus {
             }
         }
     }
+}
+
+/// When a run at `s`'s step and throughput reaches `max_steps`: every step trains the same
+/// number of tokens (`tokens / step`), at `tokensPerSecond`. `None` without a throughput.
+fn eta(s: &StepReport, max_steps: i64, now: &Time) -> Option<Time> {
+    if s.step == 0 || !(s.tokens_per_second.is_finite() && s.tokens_per_second > 0.0) {
+        return None;
+    }
+    let remaining = (max_steps - signed(s.step)).max(0) as f64;
+    let tokens_per_step = s.tokens as f64 / s.step as f64;
+    let seconds = remaining * tokens_per_step / s.tokens_per_second;
+    let span = k8s_openapi::jiff::SignedDuration::try_from_secs_f64(seconds.round()).ok()?;
+    now.0.checked_add(span).ok().map(Time)
 }
 
 #[cfg(test)]
@@ -399,5 +416,55 @@ mod tests {
             (ready.status, ready.reason),
             (ConditionStatus::True, ConditionReason::MaxStepsReached)
         );
+    }
+
+    #[test]
+    fn the_eta_is_the_remaining_steps_at_the_current_throughput() {
+        let mut st = JobStatus::default();
+        let step = |step: u64, tokens_per_second: f64| {
+            ProgressEvent::Step(StepReport {
+                step,
+                loss: 3.0,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                tokens: step * 100,
+                tokens_per_second,
+                mfu: None,
+                seconds: 2.0,
+            })
+        };
+        // Resumed at step 10 of 100: no estimate before a step's throughput.
+        st.observe(
+            &ProgressEvent::Started(Started {
+                step: 10,
+                tokens: 1000,
+                max_steps: 100,
+                parameters: 10,
+                resumed_from: None,
+            }),
+            &now(),
+        );
+        assert_eq!(st.max_steps, Some(100));
+        assert_eq!(st.eta, None);
+        // 90 steps of 100 tokens at 50 tokens/s: 180 s.
+        st.observe(&step(10, 50.0), &now());
+        let at = |secs: i64| Some(Time(Timestamp::from_second(1_000 + secs).expect("time")));
+        assert_eq!(st.eta, at(180));
+        // Faster, later: 60 steps at 200 tokens/s, 30 s.
+        st.observe(&step(40, 200.0), &now());
+        assert_eq!(st.eta, at(30));
+        // No throughput measured: no estimate rather than a wrong one.
+        st.observe(&step(41, 0.0), &now());
+        assert_eq!(st.eta, None);
+        st.observe(&step(42, 100.0), &now());
+        assert!(st.eta.is_some());
+        st.observe(
+            &ProgressEvent::Done(Done {
+                reason: Outcome::MaxStepsReached,
+                step: 100,
+            }),
+            &now(),
+        );
+        assert_eq!(st.eta, None, "a finished run has no estimate");
     }
 }

@@ -244,6 +244,8 @@ pub(crate) fn operator_checks(s: &Setup) {
     assert!(st["trainLoss"].as_f64().is_some_and(f64::is_finite), "{st}");
     assert!(st["valLoss"].as_f64().is_some(), "{st}");
     assert_eq!(st["restarts"], 0, "{st}");
+    assert_eq!(st["maxSteps"], 20, "{st}");
+    assert!(st.get("eta").is_none(), "a finished run has no ETA: {st}");
     assert_eq!(
         st["latestCheckpoint"], "s3://taper/ml/pretrainjobs/gpt/checkpoints/step-000000020",
         "{st}"
