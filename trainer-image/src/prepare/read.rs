@@ -16,16 +16,16 @@
 
 use std::{
     io::BufRead,
-    panic::{catch_unwind, AssertUnwindSafe},
+    panic::{AssertUnwindSafe, catch_unwind},
     path::Path,
 };
 
 use taper_crds::{
     dataset::{Aggregate, OnError, QualityThreshold, Source, SourceFormat},
-    report::{prepare::BrokenFile, DropReason, Normalization, PrepareReport},
+    report::{DropReason, Normalization, PrepareReport, prepare::BrokenFile},
 };
 
-use super::{batch::Batcher, instruction, spill::Doc, stackexchange, PrepareError};
+use super::{PrepareError, batch::Batcher, instruction, spill::Doc, stackexchange};
 
 /// Malformed records reported by name and position before the rest are only counted.
 const REPORTED_MALFORMED: u64 = 5;

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, io::BufRead};
 
-use quick_xml::{events::Event, Reader};
+use quick_xml::{Reader, events::Event};
 
 /// One question thread.
 #[derive(Clone, Debug, PartialEq)]

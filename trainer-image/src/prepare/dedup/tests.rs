@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rand::{seq::SliceRandom, Rng, SeedableRng};
+use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
