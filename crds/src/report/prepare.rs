@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     conditions::{
-        set_condition, Condition, ConditionReason, ConditionStatus, ConditionType, DatasetPhase,
+        Condition, ConditionReason, ConditionStatus, ConditionType, DatasetPhase, set_condition,
     },
     dataset::{DatasetStatus, DuplicateCounts, QualityRule},
 };

@@ -11,11 +11,11 @@ use parquet::{
     file::{properties::WriterProperties, writer::SerializedFileWriter},
     schema::parser::parse_message_type,
 };
-use serde_json::{json, Value};
-use taper_crds::report::{prepare::BrokenFile, DropReason, SourceStats};
+use serde_json::{Value, json};
+use taper_crds::report::{DropReason, SourceStats, prepare::BrokenFile};
 use taper_trainer::prepare::{self, PrepareError, Prepared};
 
-use crate::common::{all_rules_off, dataset, runtime, TempDir};
+use crate::common::{TempDir, all_rules_off, dataset, runtime};
 
 /// A source of `format` reading `path`.
 fn source(name: &str, path: &Path, format: &str) -> Value {
