@@ -40,6 +40,24 @@ pub struct RunPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// What deleting the resource does to what it wrote to the store (checkpoints and
+    /// outputs, everything under the job's prefix): `Retain` (default) keeps it; `Delete`
+    /// removes it with a short cleanup Job before the resource goes (a finalizer holds the
+    /// deletion until then, and the operator never holds storage credentials).
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+/// What happens to a job's stored data when the job is deleted.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum ReclaimPolicy {
+    /// Keep everything the job wrote.
+    #[default]
+    Retain,
+    /// Delete everything under the job's store prefix.
+    Delete,
 }
 
 impl Default for RunPolicy {
@@ -49,6 +67,7 @@ impl Default for RunPolicy {
             suspend: false,
             max_restarts: default_max_restarts(),
             ttl_seconds_after_finished: None,
+            reclaim_policy: ReclaimPolicy::Retain,
         }
     }
 }

@@ -69,7 +69,7 @@ fn operator_access(cfg: &Config) -> Option<StoreAccess> {
 }
 
 /// The Secret a pod loads: the resource's own, else the operator's.
-fn secret_of(access: Option<&StoreAccess>, cfg: &Config) -> Option<String> {
+pub(crate) fn secret_of(access: Option<&StoreAccess>, cfg: &Config) -> Option<String> {
     access.and_then(|a| a.secret_name.clone()).or_else(|| {
         (!cfg.s3_credentials_secret.is_empty()).then(|| cfg.s3_credentials_secret.clone())
     })

@@ -77,6 +77,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
+        announced: Default::default(),
     });
     let namespaces = cfg.namespaces();
     let controller_config = ControllerConfig::default().concurrency(cfg.reconcile_concurrency);

@@ -331,3 +331,44 @@ fn references_wait_with_a_reason_or_fail_when_they_cannot_work() {
         "{no_default:?}"
     );
 }
+
+/// A deleted job with `reclaimPolicy: Delete`: the cleanup Job is the trainer's pod (its
+/// image, S3 Secret, ServiceAccount and job file) running `taper cleanup`, without GPUs.
+#[test]
+fn the_cleanup_job_runs_taper_cleanup_in_the_trainers_pod_without_gpus() {
+    use taper_operator::controller::TaperKind;
+    let mut pj = pretrain_job();
+    pj.spec.run.reclaim_policy = taper_crds::job::ReclaimPolicy::Delete;
+    let owner = controller::owner(&pj);
+    let plan = pj.cleanup_plan(&cfg()).expect("a job has a cleanup plan");
+    let job = build::job::cleanup_job(&owner, &plan, &cfg());
+    golden("cleanup.yaml", &[serde_json::to_value(&job).expect("json")]);
+    assert_eq!(job.metadata.name.as_deref(), Some("gpt2-cleanup"));
+    let spec = job.spec.expect("spec");
+    assert_eq!(spec.suspend, Some(false), "runs even for a queued job");
+    let pod_spec = spec.template.spec.expect("pod spec");
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("gpt2-pretrain")
+    );
+    let c = &pod_spec.containers[0];
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        ["cleanup", "--job", "/etc/taper/job.yaml", "--name", "gpt2"]
+    );
+    assert!(c.resources.is_none(), "no GPU for deleting objects");
+    assert!(
+        c.env_from
+            .as_ref()
+            .is_some_and(|e| e[0].secret_ref.is_some()),
+        "the job's S3 credentials"
+    );
+    let volumes = pod_spec.volumes.unwrap_or_default();
+    assert!(
+        volumes.iter().any(|v| v
+            .config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "gpt2-pretrain")),
+        "the trainer's job file"
+    );
+}

@@ -103,6 +103,7 @@ fn ctx(client: Client) -> Arc<Ctx> {
         client,
         cfg,
         metrics: Metrics::new().expect("metrics"),
+        announced: Default::default(),
     })
 }
 

@@ -1,5 +1,6 @@
 //! Taper's trainer: dataset preparation, GPT pretraining and finetuning with candle.
 
+pub mod cleanup;
 pub mod dataset;
 pub mod device;
 pub mod generate;

@@ -11,7 +11,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use taper_crds::{TaperObject, exit, manifest::find_one, pod};
 use taper_trainer::{
-    device,
+    cleanup, device,
     generate::{self, SampleOptions},
     job::{self, JobError},
     manifests, model, prepare, quickstart,
@@ -37,6 +37,17 @@ enum Command {
         /// YAML file with one or more Taper objects.
         #[arg(long)]
         job: PathBuf,
+    },
+    /// Delete everything a PretrainJob or FinetuneJob wrote to its store prefixes (its
+    /// checkpoints, and a FinetuneJob's output): the operator's cleanup Job runs this
+    /// when a job with `reclaimPolicy: Delete` is deleted. Refuses a whole bucket.
+    Cleanup {
+        /// The resolved job file.
+        #[arg(long)]
+        job: PathBuf,
+        /// Which job of the file, when it holds several.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Pretrain a GPT: the program of every PretrainJob pod. Resumes from the newest
     /// complete checkpoint; on SIGTERM finishes the step, checkpoints and exits 75.
@@ -174,6 +185,18 @@ fn run(cli: Cli) -> Result<u8, JobError> {
             for object in manifests::read(&job)? {
                 println!("ok  {}", manifests::describe(&object));
             }
+        }
+        Command::Cleanup { job, name } => {
+            let objects = manifests::read(&job)?;
+            let prefixes = cleanup::prefixes(&objects, name.as_deref())?;
+            let rt = runtime()?;
+            let deleted = rt.block_on(cleanup::delete(&prefixes))?;
+            tracing::info!(
+                prefixes = ?deleted.prefixes,
+                objects = deleted.objects,
+                bytes = deleted.bytes,
+                "deleted the job's stored data"
+            );
         }
         Command::Pretrain(args) => {
             let objects = manifests::read(&args.job)?;

@@ -296,12 +296,22 @@ pub(crate) fn operator_checks(s: &Setup) {
         ),
         "events",
     );
-    for reason in ["Created", "Succeeded"] {
+    for reason in ["Created", "CheckpointSaved", "Succeeded"] {
         assert!(
             events.contains(&format!("\"reason\": \"{reason}\"")),
             "event {reason}: {events}"
         );
     }
+    // Kubernetes folds repeats of an Event (same reason, same object) into one series with
+    // a count: the first checkpoint's note stands for the series.
+    assert!(
+        events.contains(
+            "checkpoint at step 10 saved to s3://taper/ml/pretrainjobs/gpt/checkpoints/step-000000010"
+        ),
+        "checkpoints are announced: {events}"
+    );
+
+    reclaim_checks(s, context("reclaimed"));
 
     // A missing reference: reported, no Job.
     let orphan = eventually_or(
@@ -593,4 +603,122 @@ pub(crate) fn operator_checks(s: &Setup) {
         Some(json!("Succeeded"))
     );
     standby.stop();
+}
+
+/// The keys under `prefix` in the suite's MinIO bucket `taper`.
+fn s3_keys(endpoint: &str, prefix: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .endpoint_url(endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                taper_e2e::minio::ACCESS_KEY,
+                taper_e2e::minio::SECRET_KEY,
+                None,
+                None,
+                "e2e",
+            ))
+            .force_path_style(true)
+            .behavior_version_latest()
+            .build(),
+    );
+    rt.block_on(async {
+        let listed = client
+            .list_objects_v2()
+            .bucket("taper")
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list the bucket");
+        listed
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect()
+    })
+}
+
+/// `reclaimPolicy: Delete`: the finalizer holds a deleted PretrainJob until a cleanup Job
+/// has emptied its checkpoint prefix; the default, `Retain`, leaves `gpt`'s in place.
+fn reclaim_checks(s: &Setup, describe: impl Fn() -> String) {
+    let manifest = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: reclaimed, namespace: ml}\n\
+        spec:\n  datasetRef: {name: words}\n  model: {preset: tiny, nLayer: 1}\n  \
+        training: {batchSize: 2, gradientAccumulationSteps: 1, maxSteps: 4, warmupSteps: 2, precision: f32}\n  \
+        evaluation: {interval: 2, iterations: 1}\n  checkpoints: {interval: 2, keep: 2}\n  \
+        resources: {gpus: 0}\n  reclaimPolicy: Delete\n";
+    ok(
+        &kubectl(&s.admin, &["apply", "-f", "-"], Some(manifest)),
+        "PretrainJob reclaimed",
+    );
+    let pj = eventually_or(240, "PretrainJob reclaimed Succeeded", describe, || {
+        resource(&s.admin, "pretrainjob", "reclaimed")
+            .filter(|p| p["status"]["phase"] == "Succeeded")
+    });
+    assert_eq!(
+        pj["metadata"]["finalizers"],
+        json!(["taper.dev/storage"]),
+        "{pj}"
+    );
+    let prefix = "ml/pretrainjobs/reclaimed/";
+    let stored = s3_keys(&s.s3_endpoint, prefix);
+    assert!(
+        stored
+            .iter()
+            .any(|k| k.ends_with("step-000000004/manifest.json")),
+        "the job's checkpoints are in the store: {stored:?}"
+    );
+    let gpt_before = s3_keys(&s.s3_endpoint, "ml/pretrainjobs/gpt/");
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "delete",
+                "pretrainjob",
+                "-n",
+                "ml",
+                "reclaimed",
+                "--wait=true",
+                "--timeout=180s",
+            ],
+            None,
+        ),
+        "delete PretrainJob reclaimed (waits for its finalizer)",
+    );
+    let left = s3_keys(&s.s3_endpoint, prefix);
+    assert!(
+        left.is_empty(),
+        "the cleanup Job deleted everything: {left:?}"
+    );
+    assert_eq!(
+        s3_keys(&s.s3_endpoint, "ml/pretrainjobs/gpt/"),
+        gpt_before,
+        "Retain (the default) leaves other jobs' data alone"
+    );
+    let events = ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "get",
+                "events",
+                "-n",
+                "ml",
+                "--field-selector",
+                "involvedObject.name=reclaimed",
+                "-o",
+                "json",
+            ],
+            None,
+        ),
+        "events of reclaimed",
+    );
+    for reason in ["DeletingStorage", "StorageDeleted"] {
+        assert!(
+            events.contains(&format!("\"reason\": \"{reason}\"")),
+            "event {reason}: {events}"
+        );
+    }
 }

@@ -334,3 +334,42 @@ pub fn job(owner: &Owner, plan: &Plan, cfg: &Config, current_suspend: Option<boo
         status: None,
     }
 }
+
+/// The component (and name suffix) of the cleanup Job.
+pub const CLEANUP: &str = "cleanup";
+
+/// The Job `<name>-cleanup` that runs `taper cleanup` for a deleted job with
+/// `reclaimPolicy: Delete`: the trainer's pod as `plan` builds it (its image, S3 Secret,
+/// ServiceAccount and job file, all still present while the finalizer holds the
+/// deletion), without GPUs, metrics or a time limit, retried twice.
+pub fn cleanup_job(owner: &Owner, plan: &Plan, cfg: &Config) -> Job {
+    let mut j = job(owner, plan, cfg, None);
+    j.metadata = owner.meta(&owner.child_name(CLEANUP), CLEANUP);
+    if let Some(spec) = j.spec.as_mut() {
+        spec.backoff_limit = Some(2);
+        spec.suspend = Some(false);
+        spec.ttl_seconds_after_finished = None;
+        spec.active_deadline_seconds = None;
+        if let Some(meta) = spec.template.metadata.as_mut() {
+            meta.labels = Some(owner.labels(CLEANUP));
+        }
+        if let Some(pod) = spec.template.spec.as_mut() {
+            pod.termination_grace_period_seconds = Some(30);
+            for c in &mut pod.containers {
+                c.args = Some(vec![
+                    CLEANUP.into(),
+                    "--job".into(),
+                    pod::job_path(),
+                    "--name".into(),
+                    owner.name.clone(),
+                ]);
+                c.ports = None;
+                c.resources = None;
+                if let Some(env) = c.env.as_mut() {
+                    env.retain(|e| e.name != pod::env::METRICS_ADDR);
+                }
+            }
+        }
+    }
+    j
+}

@@ -5,10 +5,12 @@ use kube::{Api, Client, ResourceExt};
 use taper_crds::{
     Dataset, FinetuneJob, PretrainJob,
     conditions::{Condition, ConditionReason},
+    job::ReclaimPolicy,
 };
 
 use super::TaperKind;
 use crate::{
+    build::Plan,
     config::Config,
     lifecycle::State,
     plan::{self, Inputs, Readiness},
@@ -103,6 +105,23 @@ impl TaperKind for PretrainJob {
         self.spec.run.suspend
     }
 
+    fn latest_checkpoint(&self) -> Option<(i64, String)> {
+        latest(self.status.as_ref())
+    }
+
+    fn reclaim_policy(&self) -> ReclaimPolicy {
+        self.spec.run.reclaim_policy
+    }
+
+    fn cleanup_plan(&self, cfg: &Config) -> Option<Plan> {
+        let secret = plan::secret_of(self.spec.checkpoints.access.as_ref(), cfg);
+        Some(cleanup_plan(
+            "pretrain",
+            self.spec.run.image.clone(),
+            secret,
+        ))
+    }
+
     fn stopped_early(&self) -> bool {
         let max = self.spec.resolved_training().max_steps;
         self.status
@@ -151,4 +170,57 @@ impl TaperKind for FinetuneJob {
     fn suspended(&self) -> bool {
         self.spec.run.suspend
     }
+
+    fn latest_checkpoint(&self) -> Option<(i64, String)> {
+        latest(self.status.as_ref().map(|s| &s.job))
+    }
+
+    fn reclaim_policy(&self) -> ReclaimPolicy {
+        self.spec.run.reclaim_policy
+    }
+
+    fn cleanup_plan(&self, cfg: &Config) -> Option<Plan> {
+        let access = self
+            .spec
+            .output
+            .location
+            .as_ref()
+            .and_then(|l| l.access.as_ref())
+            .or(self.spec.checkpoints.access.as_ref());
+        let secret = plan::secret_of(access, cfg);
+        Some(cleanup_plan(
+            "finetune",
+            self.spec.run.image.clone(),
+            secret,
+        ))
+    }
+}
+
+/// The part of a trainer pod's plan the cleanup Job reuses.
+fn cleanup_plan(
+    command: &'static str,
+    image: Option<String>,
+    store_secret: Option<String>,
+) -> Plan {
+    Plan {
+        objects: Vec::new(),
+        command,
+        resources: Default::default(),
+        default_gpus: 0,
+        image,
+        run: Default::default(),
+        store_secret,
+    }
+}
+
+/// The step and URI of a job's newest checkpoint, as the trainer reported it.
+fn latest(status: Option<&taper_crds::JobStatus>) -> Option<(i64, String)> {
+    let status = status?;
+    let uri = status.latest_checkpoint.clone()?;
+    let step = status
+        .checkpoints
+        .iter()
+        .find(|c| c.uri == uri)
+        .map_or(-1, |c| c.step);
+    Some((step, uri))
 }

@@ -347,3 +347,70 @@ fn parse_exposition(body: &str) -> Vec<Sample> {
         })
         .collect()
 }
+
+/// `taper cleanup` (the operator's cleanup Job for `reclaimPolicy: Delete`) empties the
+/// job's checkpoint prefix, and refuses a prefix that is a whole bucket.
+#[test]
+fn cleanup_deletes_everything_under_the_jobs_prefix_and_refuses_a_bucket() {
+    let tmp = common::TempDir::new("cleanup");
+    let ckpt = tmp.path().join("store/ml/pretrainjobs/gpt/checkpoints");
+    let other = tmp.path().join("store/ml/pretrainjobs/other/checkpoints");
+    for dir in [&ckpt, &other] {
+        std::fs::create_dir_all(dir.join("step-000000002")).expect("dir");
+        std::fs::write(dir.join("step-000000002/model.safetensors"), b"w").expect("file");
+        std::fs::write(dir.join("latest.json"), b"{}").expect("file");
+    }
+    let job = |uri: &str| {
+        format!(
+            "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {{name: gpt}}\nspec:\n  \
+             datasetRef: {{name: d}}\n  model: {{preset: tiny}}\n  checkpoints: {{uri: \"{uri}\"}}\n  \
+             reclaimPolicy: Delete\n"
+        )
+    };
+    let file = tmp.path().join("job.yaml");
+    std::fs::write(&file, job(&format!("file://{}", ckpt.display()))).expect("job");
+    let out = taper()
+        .args(["cleanup", "--job"])
+        .arg(&file)
+        .args(["--name", "gpt"])
+        .output()
+        .expect("taper runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = walk(&ckpt);
+    assert!(
+        left.is_empty(),
+        "everything under the prefix is gone: {left:?}"
+    );
+    assert_eq!(walk(&other).len(), 2, "another job's data is untouched");
+
+    std::fs::write(&file, job("s3://whole-bucket")).expect("job");
+    let out = taper()
+        .args(["cleanup", "--job"])
+        .arg(&file)
+        .output()
+        .expect("taper runs");
+    assert_eq!(out.status.code(), Some(2), "an invalid spec");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to delete a whole bucket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
