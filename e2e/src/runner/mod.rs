@@ -16,10 +16,14 @@
 //! SIGKILL, and the runner deletes the pod for good, as the kubelet does. Each container's
 //! output goes to `<work>/logs/<namespace>_<pod>_<container>.log`.
 //!
+//! For the suite's disruption checks, a running pod annotated [`DISRUPT_ANNOTATION`] is
+//! preempted ([`PREEMPTION_BY_SCHEDULER`]) or evicted ([`TERMINATION_BY_KUBELET`]) as
+//! Kubernetes does it, ending `Failed` with the `DisruptionTarget` condition.
+//!
 //! Modules by concern: `node` (the Node, heartbeats, binding, one task per pod), `pod`
 //! (a pod's state machine), `config` (environment and volumes), `paths` (mount-path
 //! rewriting), `container` (the `taper` process), `status` (typed pod and container
-//! statuses).
+//! statuses), `disrupt` (preemption and eviction on request).
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -29,10 +33,16 @@ use tokio::{sync::watch, task::JoinHandle};
 
 mod config;
 mod container;
+mod disrupt;
 mod node;
 mod paths;
 mod pod;
 mod status;
+
+pub use disrupt::{
+    DISRUPT_ANNOTATION, DISRUPT_GRACE_ANNOTATION, DISRUPTION_TARGET, EVICTED,
+    PREEMPTION_BY_SCHEDULER, TERMINATION_BY_KUBELET,
+};
 
 /// Errors of the runner.
 #[derive(Debug, thiserror::Error)]

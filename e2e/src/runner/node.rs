@@ -1,6 +1,8 @@
 //! The node agent: registers the Node and keeps it Ready with heartbeats, binds unbound
-//! pods to it (as the absent scheduler would, through `pods/binding`), and starts or stops
-//! one pod task per pod bound to it as pods appear, are deleted or vanish.
+//! pods to it (as the absent scheduler would, through `pods/binding`), starts or stops one
+//! pod task per pod bound to it as pods appear, are deleted or vanish, and disrupts the
+//! pods annotated for it (see [`super::disrupt`]): preempts them as the scheduler, or has
+//! their task evict them.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -17,7 +19,13 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{RunnerError, RunnerOptions, now, pod::run_pod, status::LOCALHOST};
+use super::{
+    RunnerError, RunnerOptions,
+    disrupt::{self, Disruption, Eviction},
+    now,
+    pod::run_pod,
+    status::LOCALHOST,
+};
 
 /// Register the node (its labels) and post its first status.
 pub(super) async fn register_node(
@@ -129,9 +137,12 @@ async fn heartbeat(nodes: &Api<Node>, opts: &RunnerOptions) -> Result<(), Runner
     Ok(())
 }
 
-/// A pod this node runs: its task and the channel that asks it to stop.
+/// A pod this node runs: its task, the channels that ask it to stop (deleted) or to evict
+/// the pod, and whether the pod's disruption annotation was acted on.
 struct Tracked {
     terminate: watch::Sender<Option<i64>>,
+    evict: watch::Sender<Option<Eviction>>,
+    disrupted: bool,
     task: JoinHandle<()>,
 }
 
@@ -186,15 +197,31 @@ pub(super) async fn run(
                         .deletion_grace_period_seconds
                         .or_else(|| pod.spec.as_ref()?.termination_grace_period_seconds)
                         .unwrap_or(30);
-                    if let Some(t) = tracked.get(&uid) {
-                        if deleting && t.terminate.borrow().is_none() {
-                            let _ = t.terminate.send(Some(grace));
+                    if let Some(t) = tracked.get_mut(&uid) {
+                        if deleting {
+                            if t.terminate.borrow().is_none() {
+                                let _ = t.terminate.send(Some(grace));
+                            }
+                        } else if !t.disrupted
+                            && let Some(asked) = disrupt::requested(&pod)
+                        {
+                            t.disrupted = true;
+                            disrupt_pod(&scheduler, &pod, t, asked).await;
                         }
                         continue;
                     }
                     let (terminate, rx) = watch::channel(deleting.then_some(grace));
-                    let task = tokio::spawn(run_pod(node.clone(), opts.clone(), pod, rx));
-                    tracked.insert(uid, Tracked { terminate, task });
+                    let (evict, evict_rx) = watch::channel(None);
+                    let task = tokio::spawn(run_pod(node.clone(), opts.clone(), pod, rx, evict_rx));
+                    tracked.insert(
+                        uid,
+                        Tracked {
+                            terminate,
+                            evict,
+                            disrupted: false,
+                            task,
+                        },
+                    );
                 }
                 // Gone from the API (force-deleted): stop at once.
                 for (uid, t) in &tracked {
@@ -216,6 +243,29 @@ pub(super) async fn run(
     }
     for (_, t) in tracked {
         let _ = t.task.await;
+    }
+}
+
+/// Disrupt `pod` as `asked`: preempt it as the scheduler, or have its task evict it.
+async fn disrupt_pod(
+    scheduler: &Client,
+    pod: &Pod,
+    t: &Tracked,
+    asked: Result<Disruption, String>,
+) {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    match asked {
+        Ok(Disruption::Preemption { grace }) => {
+            tracing::info!("preempting pod {name} (grace {grace} s)");
+            if let Err(e) = disrupt::preempt(scheduler, pod, grace).await {
+                tracing::warn!("preempting pod {name}: {e}");
+            }
+        }
+        Ok(Disruption::Eviction(e)) => {
+            tracing::info!("evicting pod {name} (grace {} s)", e.grace);
+            let _ = t.evict.send(Some(e));
+        }
+        Err(why) => tracing::warn!("pod {name}: {why}"),
     }
 }
 

@@ -2,7 +2,9 @@
 //! configuration (retrying while a Secret or ConfigMap is missing), runs the init
 //! containers one after the other, then the app containers together, restarting them per
 //! the pod's `restartPolicy`, reports each step as the pod's status, and on deletion stops
-//! them and removes the pod for good, as the kubelet does.
+//! them and removes the pod for good, as the kubelet does. An eviction (see
+//! [`super::disrupt`]) marks the pod `DisruptionTarget`, stops its containers, and leaves
+//! it `Failed` with reason `Evicted`.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -17,6 +19,7 @@ use super::{
     RunnerOptions,
     config::ConfigError,
     container::run_container,
+    disrupt::{self, EVICTED, Eviction, TERMINATION_BY_KUBELET},
     now,
     status::{State, conditions, container_status, patch_status, pod_status, with_pod_ip},
 };
@@ -33,13 +36,15 @@ pub(super) struct PodCtx {
     pub(super) opts: Arc<RunnerOptions>,
 }
 
-/// Run `pod` unless it has finished already; once `terminate` says it is deleted (with its
-/// grace period), stop it, delete it for good and remove its folder.
+/// Run `pod` unless it has finished already, stopping it when `evict` says it is evicted;
+/// once `terminate` says it is deleted (with its grace period), stop it, delete it for good
+/// and remove its folder.
 pub(super) async fn run_pod(
     client: Client,
     opts: Arc<RunnerOptions>,
     pod: Pod,
     mut terminate: watch::Receiver<Option<i64>>,
+    evict: watch::Receiver<Option<Eviction>>,
 ) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -59,7 +64,15 @@ pub(super) async fn run_pod(
         Some("Succeeded" | "Failed")
     );
     if !finished_already && terminate.borrow().is_none() {
-        execute(&ctx, &spec, &mut terminate).await;
+        let (stop, mut stopped) = watch::channel(None);
+        let forward = tokio::spawn(forward_stops(
+            ctx.clone(),
+            terminate.clone(),
+            evict.clone(),
+            stop,
+        ));
+        execute(&ctx, &spec, &mut stopped, &evict).await;
+        forward.abort();
     }
     // Wait for deletion, then remove the pod for good (the kubelet's final delete).
     while terminate.borrow().is_none() {
@@ -77,8 +90,59 @@ pub(super) async fn run_pod(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Run the pod's containers to completion (or until `terminate`), reporting its status.
-async fn execute(ctx: &PodCtx, spec: &PodSpec, terminate: &mut watch::Receiver<Option<i64>>) {
+/// Stop the pod's containers, through `stop` (with the grace period), when the pod is
+/// deleted (`terminate`) or evicted (`evict`: its `DisruptionTarget` condition is added
+/// first, as the kubelet does before it kills); `stop` closes, which kills them at once,
+/// when the node's channels do.
+async fn forward_stops(
+    ctx: PodCtx,
+    mut terminate: watch::Receiver<Option<i64>>,
+    mut evict: watch::Receiver<Option<Eviction>>,
+    stop: watch::Sender<Option<i64>>,
+) {
+    let first = |grace: i64| {
+        stop.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(grace);
+            }
+            first
+        });
+    };
+    loop {
+        tokio::select! {
+            r = terminate.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let grace = *terminate.borrow();
+                if let Some(grace) = grace {
+                    first(grace);
+                }
+            }
+            r = evict.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let eviction = evict.borrow().clone();
+                if let Some(e) = eviction {
+                    let c = disrupt::condition(TERMINATION_BY_KUBELET, &e.message);
+                    patch_status(&ctx, disrupt::with_condition(c)).await;
+                    first(e.grace);
+                }
+            }
+        }
+    }
+}
+
+/// Run the pod's containers to completion (or until `terminate`), reporting its status; an
+/// eviction (`evict`) ends it `Failed`, with reason `Evicted` and its `DisruptionTarget`.
+async fn execute(
+    ctx: &PodCtx,
+    spec: &PodSpec,
+    terminate: &mut watch::Receiver<Option<i64>>,
+    evict: &watch::Receiver<Option<Eviction>>,
+) {
     let containers: Vec<&Container> = spec
         .init_containers
         .iter()
@@ -256,17 +320,29 @@ async fn execute(ctx: &PodCtx, spec: &PodSpec, terminate: &mut watch::Receiver<O
             let ok = states
                 .iter()
                 .all(|s| matches!(s, State::Terminated { code: 0, .. }));
-            patch_status(
-                ctx,
-                status(
+            let eviction = evict.borrow().clone();
+            let done = match eviction {
+                // The kubelet fails an evicted pod whatever its containers' codes.
+                Some(e) => {
+                    let mut s = status(&states, &restarts, "Failed", false, true);
+                    if let Some(cs) = s.conditions.as_mut() {
+                        cs.push(disrupt::condition(TERMINATION_BY_KUBELET, &e.message));
+                    }
+                    PodStatus {
+                        reason: Some(EVICTED.into()),
+                        message: Some(e.message),
+                        ..s
+                    }
+                }
+                None => status(
                     &states,
                     &restarts,
                     if ok { "Succeeded" } else { "Failed" },
                     false,
                     true,
                 ),
-            )
-            .await;
+            };
+            patch_status(ctx, done).await;
         } else {
             patch_status(ctx, status(&states, &restarts, "Running", false, true)).await;
         }

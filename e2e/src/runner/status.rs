@@ -1,6 +1,7 @@
 //! What the runner reports of its pods, as the typed API objects: each container's state
-//! (`ContainerStatus`), the pod's phase and conditions (`PodStatus`), written with a merge
-//! patch of the `status` subresource.
+//! (`ContainerStatus`), the pod's phase and conditions (`PodStatus`), written with a
+//! strategic merge patch of the `status` subresource, as the kubelet writes it: conditions
+//! merge by type, so one the runner does not own (`DisruptionTarget`) is kept.
 
 use k8s_openapi::{
     api::core::v1::{
@@ -135,14 +136,15 @@ pub(super) fn with_pod_ip(status: PodStatus) -> PodStatus {
     }
 }
 
-/// Merge `status` into the pod's status; a failure is logged (the next update retries).
+/// Merge `status` into the pod's status (a strategic merge: conditions by type); a failure
+/// is logged (the next update retries).
 pub(super) async fn patch_status(ctx: &PodCtx, status: PodStatus) {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.ns);
     if let Err(e) = pods
         .patch_status(
             &ctx.name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
+            &Patch::Strategic(json!({ "status": status })),
         )
         .await
     {

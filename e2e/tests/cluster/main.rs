@@ -10,7 +10,9 @@
 //! the crds tests share), `schema` (every bound, type, required field and closed object of
 //! the CRDs' structural schema against the manifests `crds/tests/schema_cases` derives,
 //! refused with the client-side validator's words), `pods` (admission and the pod runner),
-//! `trainer` (a training pod end to end); `support` holds kubectl and the retry helpers.
+//! `trainer` (a training pod end to end), `operator` (the operator end to end) and
+//! `disruption` (preempted and evicted pods, run within the operator's checks);
+//! `support` holds kubectl and the retry helpers.
 
 #[path = "../../../crds/tests/cel_cases/mod.rs"]
 mod cel_cases;
@@ -19,6 +21,7 @@ mod schema_cases;
 
 mod cel;
 mod crds;
+mod disruption;
 mod operator;
 mod pods;
 mod schema;

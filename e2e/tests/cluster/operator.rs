@@ -549,6 +549,8 @@ pub(crate) fn operator_checks(s: &Setup) {
         resource(&s.admin, "pretrainjob", "queued").filter(|p| p["status"]["phase"] == "Succeeded")
     });
 
+    crate::disruption::disruption_checks(&s.admin, &s.pod_logs, &log);
+
     // Two replicas: the second waits while the first leads, and takes over within 30 s
     // of the leader's death; neither creates anything twice.
     let count = |kind: &str| {
