@@ -576,7 +576,8 @@ async fn event<K: TaperKind>(ctx: &Ctx, obj: &K, type_: EventType, reason: &str,
 /// The Event reason of a move from `from` to `to`.
 fn transition(from: &str, to: State, reason: ConditionReason) -> Option<&'static str> {
     let name = match (to, reason) {
-        (State::Running, _) if from == "Suspended" => "Resumed",
+        // Un-suspended: usually seen as Pending (a new pod starting), sometimes Running.
+        (State::Running | State::Pending, _) if from == "Suspended" => "Resumed",
         (State::Running, _) => "Started",
         (State::Pending, ConditionReason::PodRestarting) => "Retrying",
         (State::Suspended, _) => "Suspended",
@@ -759,7 +760,33 @@ pub fn error_policy<K: TaperKind>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -
 
 #[cfg(test)]
 mod tests {
-    use super::Announced;
+    use super::{Announced, State, transition};
+    use taper_crds::conditions::ConditionReason as R;
+
+    #[test]
+    fn each_transition_names_its_event() {
+        let t = |from, to, reason| transition(from, to, reason);
+        assert_eq!(
+            t("Suspended", State::Pending, R::PodPending),
+            Some("Resumed")
+        );
+        assert_eq!(t("Suspended", State::Running, R::Training), Some("Resumed"));
+        assert_eq!(t("Pending", State::Running, R::Training), Some("Started"));
+        assert_eq!(
+            t("Running", State::Pending, R::PodRestarting),
+            Some("Retrying")
+        );
+        assert_eq!(t("Running", State::Pending, R::PodPending), None);
+        assert_eq!(
+            t("Running", State::Suspended, R::SuspendedBySpec),
+            Some("Suspended")
+        );
+        assert_eq!(
+            t("Running", State::Succeeded, R::MaxStepsReached),
+            Some("Succeeded")
+        );
+        assert_eq!(t("Running", State::Failed, R::InvalidData), Some("Failed"));
+    }
 
     #[test]
     fn each_checkpoint_and_disruption_is_announced_once_per_resource() {
