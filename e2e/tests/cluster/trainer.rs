@@ -200,8 +200,10 @@ pub(crate) fn trainer_pod_checks(
     }
     drop(prometheus);
     // The raw endpoint serves the same series.
-    let (status, scraped) =
-        taper_e2e::http::get(metrics_port, "/metrics").expect("the pod serves /metrics");
+    // (Retried: on a loaded machine one request can time out between two steps.)
+    let (status, scraped) = eventually_or(30, "the pod serves /metrics", describe, || {
+        taper_e2e::http::get(metrics_port, "/metrics")
+    });
     assert_eq!(status, 200);
     assert!(scraped.contains("namespace=\"train\""), "{scraped}");
     let phase = ok(
