@@ -82,8 +82,18 @@ pub mod metric {
     pub const MFU: &str = "taper_mfu_ratio";
     /// Time to write one checkpoint (histogram).
     pub const CHECKPOINT_SAVE_DURATION: &str = "taper_checkpoint_save_duration_seconds";
+    /// The run's `maxSteps` (gauge), for progress and ETA.
+    pub const MAX_STEPS: &str = "taper_train_max_steps";
+    /// Steps whose loss was NaN or infinite, each skipped (counter).
+    pub const NONFINITE_LOSSES: &str = "taper_nonfinite_losses_total";
+    /// Evaluations in a row whose validation loss rose above the one before (gauge).
+    pub const VAL_LOSS_RISES: &str = "taper_rising_val_losses";
+    /// Checkpoint saves that failed (counter).
+    pub const CHECKPOINT_FAILURES: &str = "taper_checkpoint_failures_total";
+    /// Bytes of the latest saved checkpoint's files (gauge).
+    pub const CHECKPOINT_SIZE: &str = "taper_checkpoint_size_bytes";
     /// Every trainer metric.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 13] = [
         TRAIN_LOSS,
         VAL_LOSS,
         LEARNING_RATE,
@@ -92,6 +102,11 @@ pub mod metric {
         STEP_DURATION,
         MFU,
         CHECKPOINT_SAVE_DURATION,
+        MAX_STEPS,
+        NONFINITE_LOSSES,
+        VAL_LOSS_RISES,
+        CHECKPOINT_FAILURES,
+        CHECKPOINT_SIZE,
     ];
 }
 

@@ -20,6 +20,15 @@ impl Prometheus {
     /// Start Prometheus scraping `targets` (`host:port`, path `/metrics`) every second under
     /// the job name `job`; the configuration is checked with `promtool` first.
     pub fn start(job: &str, targets: &[String]) -> Result<Self, String> {
+        Self::start_with(
+            serde_json::json!([{"job_name": job, "scrape_interval": "1s",
+                                             "static_configs": [{"targets": targets}]}]),
+        )
+    }
+
+    /// Start Prometheus with these `scrape_configs` (a JSON array, e.g. the chart's rendered
+    /// scrape configuration), scraping and evaluating every second by default.
+    pub fn start_with(scrape_configs: serde_json::Value) -> Result<Self, String> {
         let bin = tools_dir().join("prometheus");
         let promtool = tools_dir().join("promtool");
         for b in [&bin, &promtool] {
@@ -36,8 +45,7 @@ impl Prometheus {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let config = serde_json::json!({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": job, "scrape_interval": "1s",
-                                "static_configs": [{"targets": targets}]}],
+            "scrape_configs": scrape_configs,
         });
         let path = dir.join("prometheus.yml");
         let text = serde_yaml::to_string(&config).map_err(|e| e.to_string())?;
@@ -84,17 +92,30 @@ impl Prometheus {
 
     /// Run an instant query (`/api/v1/query`) and return the JSON answer.
     pub fn query(&self, promql: &str) -> Result<serde_json::Value, String> {
-        let q: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let (status, body) = crate::http::get(self.port, &format!("/api/v1/query?query={q}"))
-            .ok_or("prometheus did not answer")?;
+        self.api(promql, &format!("/api/v1/query?query={}", encode(promql)))
+    }
+
+    /// Run a range query (`/api/v1/query_range`) from `start` to `end` (Unix seconds) every
+    /// `step` seconds, as Grafana does for a panel, and return the JSON answer.
+    pub fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: f64,
+    ) -> Result<serde_json::Value, String> {
+        self.api(
+            promql,
+            &format!(
+                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
+                encode(promql)
+            ),
+        )
+    }
+
+    fn api(&self, promql: &str, path: &str) -> Result<serde_json::Value, String> {
+        let (status, body) =
+            crate::http::get(self.port, path).ok_or("prometheus did not answer")?;
         if status != 200 {
             return Err(format!("query {promql:?}: HTTP {status}: {body}"));
         }
@@ -107,4 +128,16 @@ impl Drop for Prometheus {
         self.proc.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Percent-encode a query parameter.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

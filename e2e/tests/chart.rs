@@ -19,7 +19,7 @@ use k8s_openapi::{
     apimachinery::pkg::api::resource::Quantity,
 };
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use taper_e2e::workspace_root;
 
 const NAMESPACE: &str = "taper-system";
@@ -635,5 +635,272 @@ fn schema_rejects_typos_and_wrong_types_naming_the_field() {
                 "helm {args:?} failed without naming {field}:\n{msg}"
             );
         }
+    }
+}
+
+/// Every monitoring part on, as a platform team with kube-prometheus-stack would set it.
+const MONITORING_ON: &[&str] = &[
+    "--set",
+    "monitoring.serviceMonitor.enabled=true,monitoring.podMonitor.enabled=true",
+    "--set",
+    "monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true",
+    "--set",
+    "monitoring.annotations.enabled=true,monitoring.scrapeConfig.enabled=true",
+    "--set-string",
+    "monitoring.serviceMonitor.labels.release=kps,monitoring.podMonitor.labels.release=kps",
+];
+
+const MONITORING_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+
+#[test]
+fn lint_and_template_pass_on_every_value_set() {
+    let chart = chart();
+    let chart = chart.to_str().expect("UTF-8 path");
+    let sets: Vec<(&str, Vec<&str>)> = vec![
+        ("defaults", vec![]),
+        ("monitoring on", MONITORING_ON.to_vec()),
+        (
+            "monitoring on, namespace-scoped",
+            [
+                MONITORING_ON,
+                &["--set-json", r#"watchNamespaces=["a","b"]"#],
+            ]
+            .concat(),
+        ),
+        (
+            "monitoring on, cluster-scoped, 2 replicas",
+            [MONITORING_ON, &["--set", "replicas=2"]].concat(),
+        ),
+        ("2 replicas", vec!["--set", "replicas=2"]),
+    ];
+    for (what, set) in &sets {
+        for cmd in ["lint", "template"] {
+            let mut args = vec![cmd];
+            if cmd == "template" {
+                args.push(RELEASE);
+            } else {
+                args.push("--strict");
+            }
+            args.push(chart);
+            args.extend(set.iter().copied());
+            let out = helm(&args);
+            assert!(
+                out.status.success(),
+                "{what}: helm {args:?}: {}",
+                text(&out)
+            );
+        }
+    }
+}
+
+#[test]
+fn monitoring_is_off_by_default_and_each_part_follows_its_flag() {
+    let off = Rendered::new(&[]);
+    for kind in MONITORING_KINDS {
+        assert_eq!(off.count(kind), 0, "no {kind} by default");
+    }
+    assert_eq!(off.count("ConfigMap"), 0, "no dashboards by default");
+    let d = off.deployment();
+    let annotations = d
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert!(annotations.is_empty(), "{annotations:?}");
+    for (flag, kind) in [
+        ("monitoring.serviceMonitor.enabled=true", "ServiceMonitor"),
+        ("monitoring.podMonitor.enabled=true", "PodMonitor"),
+        ("monitoring.prometheusRule.enabled=true", "PrometheusRule"),
+    ] {
+        let r = Rendered::new(&["--set", flag]);
+        for other in MONITORING_KINDS {
+            assert_eq!(
+                r.count(other),
+                usize::from(other == kind),
+                "{flag}: {other}"
+            );
+        }
+    }
+}
+
+#[test]
+fn monitors_select_the_operator_service_and_the_trainer_pods() {
+    let r = Rendered::new(MONITORING_ON);
+    let sm = r
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "ServiceMonitor")
+        .expect("ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(
+        sm["metadata"]["labels"]["release"], "kps",
+        "configurable labels"
+    );
+    let svc: Service = r.one("Service");
+    let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(sm["spec"]["selector"]["matchLabels"].clone()).expect("selector");
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| svc_labels.get(k) == Some(v)),
+        "the ServiceMonitor selects the metrics Service: {selector:?} vs {svc_labels:?}"
+    );
+    assert_eq!(
+        sm["spec"]["namespaceSelector"]["matchNames"],
+        json!([NAMESPACE])
+    );
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "metrics");
+    assert_eq!(endpoint["honorLabels"], true);
+
+    let pm = r
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor")
+        .expect("PodMonitor");
+    assert_eq!(pm["metadata"]["labels"]["release"], "kps");
+    // The labels the operator puts on every trainer pod (operator/src/build/mod.rs) and
+    // its metrics port's name (crds/src/pod.rs), written here independently.
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        json!({"app.kubernetes.io/managed-by": "taper-operator"})
+    );
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], taper_crds::pod::METRICS_PORT_NAME);
+    assert_eq!(endpoint["path"], taper_crds::pod::METRICS_PATH);
+    assert_eq!(endpoint["honorLabels"], true);
+
+    // Namespace-scoped: trainer pods in the watched namespaces only.
+    let scoped = Rendered::new(&[
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set-json",
+        r#"watchNamespaces=["a","b"]"#,
+    ]);
+    let pm = scoped
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor")
+        .expect("PodMonitor");
+    assert_eq!(
+        pm["spec"]["namespaceSelector"],
+        json!({"matchNames": ["a", "b"]})
+    );
+
+    // The annotations alternative on the operator's pods.
+    let annotations = r
+        .deployment()
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some("8080")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/path").map(String::as_str),
+        Some("/metrics")
+    );
+}
+
+#[test]
+fn dashboards_are_configmaps_with_the_sidecar_label_and_a_datasource_variable() {
+    let r = Rendered::new(&[
+        "--set",
+        "monitoring.dashboards.enabled=true,monitoring.dashboards.label=my_dashboards",
+        "--set-string",
+        "monitoring.dashboards.labelValue=yes,monitoring.dashboards.annotations.grafana_folder=Taper",
+    ]);
+    let maps: Vec<&Value> = r
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .collect();
+    let mut titles = BTreeSet::new();
+    for cm in &maps {
+        assert_eq!(
+            cm["metadata"]["labels"]["my_dashboards"], "yes",
+            "{}",
+            cm["metadata"]
+        );
+        assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Taper");
+        let data = cm["data"].as_object().expect("data");
+        assert_eq!(data.len(), 1, "one dashboard per ConfigMap");
+        let (key, json) = data.iter().next().expect("one key");
+        assert!(key.ends_with(".json"), "{key}");
+        let dash: Value = serde_json::from_str(json.as_str().expect("text")).expect("JSON");
+        let vars = dash["templating"]["list"].as_array().expect("variables");
+        assert!(
+            vars.iter()
+                .any(|v| v["type"] == "datasource" && v["name"] == "datasource"),
+            "{key}: a datasource variable"
+        );
+        for p in dash["panels"].as_array().expect("panels") {
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{key}: {}",
+                p["title"]
+            );
+            assert!(!p["targets"].as_array().expect("targets").is_empty());
+        }
+        titles.insert(dash["title"].as_str().expect("title").to_string());
+    }
+    assert_eq!(
+        titles,
+        BTreeSet::from([
+            "Taper / Training".to_string(),
+            "Taper / Operator".to_string()
+        ])
+    );
+    let default_label = Rendered::new(&["--set", "monitoring.dashboards.enabled=true"]);
+    for o in default_label
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+    {
+        assert_eq!(o["metadata"]["labels"]["grafana_dashboard"], "1");
+    }
+}
+
+#[test]
+fn schema_rejects_wrong_monitoring_values_naming_the_field() {
+    let chart = chart();
+    let chart = chart.to_str().expect("UTF-8 path");
+    for (set, field) in [
+        (
+            ["--set", "monitoring.serviceMonitor.enabled=yes"],
+            "/monitoring/serviceMonitor/enabled",
+        ),
+        (
+            ["--set", "monitoring.prometheusRule.stalledMinutes=soon"],
+            "/monitoring/prometheusRule/stalledMinutes",
+        ),
+        (
+            ["--set", "monitoring.prometheusRule.throughputDropRatio=2"],
+            "/monitoring/prometheusRule/throughputDropRatio",
+        ),
+        (
+            ["--set", "monitoring.podMonitor.interval=often"],
+            "/monitoring/podMonitor/interval",
+        ),
+        (["--set", "monitoring.dashboard.enabled=true"], "dashboard"),
+    ] {
+        let mut args = vec!["template", RELEASE, chart];
+        args.extend(set);
+        let out = helm(&args);
+        let msg = text(&out);
+        assert!(
+            !out.status.success(),
+            "helm {args:?} accepted a bad value:\n{msg}"
+        );
+        assert!(
+            msg.contains(field) && msg.contains("schema"),
+            "helm {args:?} failed without naming {field}:\n{msg}"
+        );
     }
 }

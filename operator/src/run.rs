@@ -45,11 +45,19 @@ fn owned_jobs() -> watcher::Config {
 /// Count the resources of `store` per phase into the `taper_jobs` gauge.
 fn count<K: TaperKind>(metrics: &Metrics, kind: &str, stores: &[Store<K>]) {
     let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut phases = std::collections::BTreeSet::new();
     for store in stores {
         for obj in store.state() {
-            *counts.entry(obj.current().0).or_default() += 1;
+            let phase = obj.current().0;
+            phases.insert((
+                obj.namespace().unwrap_or_default(),
+                obj.name_any(),
+                phase.clone(),
+            ));
+            *counts.entry(phase).or_default() += 1;
         }
     }
+    metrics.set_job_phases(kind, phases);
     for phase in [
         "Pending",
         "Preparing",

@@ -1,6 +1,7 @@
 //! Taper's trainer: dataset preparation, GPT pretraining and finetuning with candle.
 
 pub mod cleanup;
+pub mod dashboards;
 pub mod dataset;
 pub mod device;
 pub mod generate;

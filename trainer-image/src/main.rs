@@ -99,6 +99,11 @@ enum Command {
         #[arg(long, env = pod::env::DEVICE)]
         device: Option<String>,
     },
+    /// The Helm chart's Grafana dashboards (defined in `taper_trainer::dashboards`).
+    Dashboards {
+        #[command(subcommand)]
+        action: DashboardsAction,
+    },
     /// Run the embedded quickstart pipeline on this CPU: prepare Tiny Shakespeare, pretrain a
     /// 7M-parameter GPT on it (resuming if stopped), and sample from it.
     Quickstart {
@@ -108,6 +113,17 @@ enum Command {
         /// Stop (with a checkpoint, exit 75) after this step; run again to resume.
         #[arg(long)]
         stop_after: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DashboardsAction {
+    /// Write each dashboard's Grafana JSON into a folder (the chart's is
+    /// charts/taper/files/dashboards).
+    Json {
+        /// The folder.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -286,6 +302,18 @@ fn run(cli: Cli) -> Result<u8, JobError> {
             let stop = stop_on_signals()?;
             let rt = runtime()?;
             return quickstart::run(&rt, work_dir, stop_after, stop);
+        }
+        Command::Dashboards {
+            action: DashboardsAction::Json { out },
+        } => {
+            std::fs::create_dir_all(&out)
+                .map_err(|e| JobError::Internal(format!("{}: {e}", out.display())))?;
+            for d in taper_trainer::dashboards::all() {
+                let path = out.join(format!("{}.json", d.file));
+                std::fs::write(&path, d.to_file())
+                    .map_err(|e| JobError::Internal(format!("{}: {e}", path.display())))?;
+                println!("{}", path.display());
+            }
         }
         Command::CheckKernels { device } => {
             let device = device::select_device(device.as_deref())?;

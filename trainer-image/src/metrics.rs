@@ -1,5 +1,8 @@
 //! Prometheus metrics of a training run, labelled by job kind, namespace and name only
 //! (bounded cardinality), served as text on `/metrics`.
+//!
+//! `taper_val_loss` is exposed only once the first evaluation has set it: a gauge that
+//! read 0 before then would look like a perfect model to dashboards and alerts.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,8 +20,9 @@ pub struct Metrics {
     registry: Registry,
     /// `taper_train_loss`: latest training loss.
     pub train_loss: Gauge,
-    /// `taper_val_loss`: latest validation loss.
-    pub val_loss: Gauge,
+    /// `taper_val_loss`: latest validation loss; set it with [`Metrics::set_val_loss`],
+    /// which registers it on first use.
+    val_loss: Gauge,
     /// `taper_learning_rate`: current learning rate.
     pub learning_rate: Gauge,
     /// `taper_train_step`: optimizer steps taken.
@@ -31,6 +35,17 @@ pub struct Metrics {
     pub mfu: Gauge,
     /// `taper_checkpoint_save_duration_seconds`: time to write a checkpoint.
     pub checkpoint_save: Histogram,
+    /// `taper_train_max_steps`: the run's `maxSteps`.
+    pub max_steps: IntGauge,
+    /// `taper_nonfinite_losses_total`: steps skipped for a NaN or infinite loss.
+    pub nonfinite_losses: IntCounter,
+    /// `taper_rising_val_losses`: evaluations in a row whose validation loss
+    /// rose above the one before (0 after one that did not).
+    pub val_loss_rises: IntGauge,
+    /// `taper_checkpoint_failures_total`: checkpoint saves that failed.
+    pub checkpoint_failures: IntCounter,
+    /// `taper_checkpoint_size_bytes`: bytes of the latest checkpoint's files.
+    pub checkpoint_size: IntGauge,
 }
 
 impl Metrics {
@@ -76,17 +91,46 @@ impl Metrics {
                 "Time to write one checkpoint to the store.",
                 prometheus::exponential_buckets(0.1, 2.0, 14)?,
             ))?,
+            max_steps: IntGauge::with_opts(opts(metric::MAX_STEPS, "The run's maxSteps."))?,
+            nonfinite_losses: IntCounter::with_opts(opts(
+                metric::NONFINITE_LOSSES,
+                "Steps skipped because their loss was NaN or infinite.",
+            ))?,
+            val_loss_rises: IntGauge::with_opts(opts(
+                metric::VAL_LOSS_RISES,
+                "Evaluations in a row whose validation loss rose above the one before.",
+            ))?,
+            checkpoint_failures: IntCounter::with_opts(opts(
+                metric::CHECKPOINT_FAILURES,
+                "Checkpoint saves that failed.",
+            ))?,
+            checkpoint_size: IntGauge::with_opts(opts(
+                metric::CHECKPOINT_SIZE,
+                "Bytes of the files of the latest saved checkpoint.",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.train_loss.clone()))?;
-        m.registry.register(Box::new(m.val_loss.clone()))?;
         m.registry.register(Box::new(m.learning_rate.clone()))?;
         m.registry.register(Box::new(m.step.clone()))?;
         m.registry.register(Box::new(m.tokens.clone()))?;
         m.registry.register(Box::new(m.step_duration.clone()))?;
         m.registry.register(Box::new(m.mfu.clone()))?;
         m.registry.register(Box::new(m.checkpoint_save.clone()))?;
+        m.registry.register(Box::new(m.max_steps.clone()))?;
+        m.registry.register(Box::new(m.nonfinite_losses.clone()))?;
+        m.registry.register(Box::new(m.val_loss_rises.clone()))?;
+        m.registry
+            .register(Box::new(m.checkpoint_failures.clone()))?;
+        m.registry.register(Box::new(m.checkpoint_size.clone()))?;
         Ok(m)
+    }
+
+    /// Set `taper_val_loss`, registering it the first time (it is absent before).
+    pub fn set_val_loss(&self, loss: f64) {
+        self.val_loss.set(loss);
+        // AlreadyReg after the first call: the gauge is already exposed.
+        let _ = self.registry.register(Box::new(self.val_loss.clone()));
     }
 
     /// The metrics in Prometheus' text format.
@@ -124,5 +168,34 @@ impl Metrics {
             }
         })?;
         Ok(bound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn val_loss_is_absent_until_the_first_evaluation_and_labels_are_bounded() {
+        let m = Metrics::new("PretrainJob", "ml", "gpt").expect("metrics");
+        let before = m.render();
+        assert!(!before.contains(metric::VAL_LOSS), "{before}");
+        for name in metric::ALL.iter().filter(|n| **n != metric::VAL_LOSS) {
+            assert!(before.contains(name), "{name} missing:\n{before}");
+        }
+        m.set_val_loss(3.25);
+        m.set_val_loss(3.5);
+        let after = m.render();
+        let line = format!(
+            "{}{{kind=\"PretrainJob\",name=\"gpt\",namespace=\"ml\"}} 3.5",
+            metric::VAL_LOSS
+        );
+        assert!(after.contains(&line), "{after}");
+        assert_eq!(
+            after
+                .matches(&format!("# TYPE {} gauge", metric::VAL_LOSS))
+                .count(),
+            1
+        );
     }
 }

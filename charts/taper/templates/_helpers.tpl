@@ -122,3 +122,16 @@ namespace through envFrom; the operator only writes the Secret's name).
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end }}
+
+{{/* Namespaces of the trainer pods to scrape: monitoring.trainerNamespaces, else
+watchNamespaces; empty: all. */}}
+{{- define "taper.trainerNamespaces" -}}
+{{- $ns := .Values.monitoring.trainerNamespaces | default .Values.watchNamespaces | default list }}
+{{- toJson $ns }}
+{{- end }}
+
+{{/* The job label of the operator's series: the metrics Service's name, as a ServiceMonitor
+sets it, and the job_name of the plain scrape configuration. */}}
+{{- define "taper.operator.metricsJob" -}}
+{{- printf "%s-metrics" (include "taper.operator.fullname" .) }}
+{{- end }}

@@ -22,6 +22,7 @@ mod schema_cases;
 mod cel;
 mod crds;
 mod disruption;
+mod monitoring;
 mod operator;
 mod pods;
 mod schema;
@@ -232,9 +233,17 @@ async fn control_plane_suite() {
             .unwrap_or_default(),
     };
     std::fs::create_dir_all(&setup.work).expect("operator work dir");
+    let (kc, work) = (kubeconfig.clone(), setup.work.clone());
+    let monitoring = tokio::task::spawn_blocking(move || monitoring::start(&kc, &work))
+        .await
+        .expect("Prometheus with the chart's scrape configuration");
     tokio::task::spawn_blocking(move || operator::operator_checks(&setup))
         .await
         .expect("operator checks");
+    step("the chart's dashboards and alerts against Prometheus' data of that run");
+    tokio::task::spawn_blocking(move || monitoring.check())
+        .await
+        .expect("monitoring checks");
     drop(minio);
 
     step("stop everything; no component process is left");

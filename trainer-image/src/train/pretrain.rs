@@ -281,10 +281,16 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     }));
 
     let max_steps = run.training.max_steps as u64;
+    if let Some(m) = run.metrics {
+        m.max_steps
+            .set(i64::try_from(max_steps).unwrap_or(i64::MAX));
+    }
     let eval_every = run.training.eval_interval.max(1) as u64;
     let ckpt_every = run.checkpoint_interval.max(1);
     let flops = flops_per_token(&run.model, n_params);
     let mut non_finite = 0u32;
+    // Validation losses in a row above the one before (`taper_rising_val_losses`).
+    let (mut prev_val, mut rises) = (None::<f32>, 0i64);
     // Human progress on a terminal; the JSON lines on stdout are for machines.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new(max_steps).with_position(trainer.step_count());
@@ -314,12 +320,16 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     // Write a snapshot to the store and apply retention; runs on the upload thread.
     let upload = |snapshot: Snapshot, stall: f64| -> Result<(), PretrainError> {
         let started = Instant::now();
-        let saved =
-            rt.block_on(ckpt.save(&snapshot.state, &snapshot.model, &snapshot.optimizer))?;
+        let saved = rt
+            .block_on(ckpt.save(&snapshot.state, &snapshot.model, &snapshot.optimizer))
+            .inspect_err(|_| run.metrics.iter().for_each(|m| m.checkpoint_failures.inc()))?;
         let deleted = rt.block_on(ckpt.retain(run.keep))?;
         let secs = started.elapsed().as_secs_f64();
         if let Some(m) = run.metrics {
             m.checkpoint_save.observe(secs);
+            let bytes: u64 = saved.manifest.files.iter().map(|f| f.size).sum();
+            m.checkpoint_size
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         let state = &snapshot.state;
         emit(ProgressEvent::Checkpoint(CheckpointSaved {
@@ -368,6 +378,9 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                     }
                     Err(StepError::NonFiniteLoss(value, at)) => {
                         non_finite += 1;
+                        if let Some(m) = run.metrics {
+                            m.nonfinite_losses.inc();
+                        }
                         emit(ProgressEvent::NonFiniteLoss(NonFiniteLoss {
                             step: at,
                             value: value.to_string(),
@@ -421,10 +434,16 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                     let train_loss = trainer.evaluate(run.train, iters, eval_seed)?;
                     let val_loss = trainer.evaluate(run.test, iters, eval_seed)?;
                     last_val = Some(val_loss);
-                    if let Some(m) = run.metrics {
-                        m.val_loss.set(val_loss as f64);
-                    }
                     let decision = tracker.observe(stats.step, val_loss, &run.overfitting);
+                    rises = match prev_val {
+                        Some(p) if val_loss > p => rises + 1,
+                        _ => 0,
+                    };
+                    prev_val = Some(val_loss);
+                    if let Some(m) = run.metrics {
+                        m.set_val_loss(val_loss as f64);
+                        m.val_loss_rises.set(rises);
+                    }
                     improved = decision == Decision::Improved;
                     let action = match decision {
                         Decision::ReduceLearningRate => {
