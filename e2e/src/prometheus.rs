@@ -114,8 +114,17 @@ impl Prometheus {
     }
 
     fn api(&self, promql: &str, path: &str) -> Result<serde_json::Value, String> {
-        let (status, body) =
-            crate::http::get(self.port, path).ok_or("prometheus did not answer")?;
+        // A query can outlast one read timeout (5 s) on a loaded 2-core machine: ask again
+        // a few times before calling Prometheus silent.
+        let mut answer = None;
+        for attempt in 0..4 {
+            answer = crate::http::get(self.port, path);
+            if answer.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500 * (attempt + 1)));
+        }
+        let (status, body) = answer.ok_or("prometheus did not answer (4 tries)")?;
         if status != 200 {
             return Err(format!("query {promql:?}: HTTP {status}: {body}"));
         }
