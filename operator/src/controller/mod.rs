@@ -38,7 +38,14 @@ use crate::{
     plan::{Inputs, Readiness},
 };
 
+mod announce;
+mod finalizer;
 pub mod kinds;
+
+pub use announce::Announced;
+use announce::announce;
+pub use finalizer::FINALIZER;
+use finalizer::{finalize, sync_finalizer};
 
 /// How often a resource is looked at again without any change (a safety net: Job and
 /// referenced-object changes trigger reconciles through watches).
@@ -86,63 +93,6 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// What Events have announced, so a repeated reconcile does not announce it again.
     pub announced: Announced,
-}
-
-/// What this replica has announced per resource (by uid): the newest checkpoint and the
-/// disrupted pods. Entries live while their resource runs; after a restart or a failover
-/// the new leader announces the current checkpoint once more, never a stream of repeats.
-#[derive(Debug, Default)]
-pub struct Announced(std::sync::Mutex<std::collections::HashMap<String, Seen>>);
-
-#[derive(Debug, Default)]
-struct Seen {
-    checkpoint: Option<String>,
-    disrupted: std::collections::BTreeSet<String>,
-}
-
-impl Announced {
-    fn with<T>(&self, uid: &str, f: impl FnOnce(&mut Seen) -> T) -> T {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(map.entry(uid.to_string()).or_default())
-    }
-
-    /// Whether `uri` is news for resource `uid` (and remember it).
-    pub fn checkpoint(&self, uid: &str, uri: &str) -> bool {
-        self.with(uid, |s| {
-            let new = s.checkpoint.as_deref() != Some(uri);
-            s.checkpoint = Some(uri.to_string());
-            new
-        })
-    }
-
-    /// Whether the disruption of pod `pod_uid` is news for resource `uid`.
-    pub fn disruption(&self, uid: &str, pod_uid: &str) -> bool {
-        self.with(uid, |s| s.disrupted.insert(pod_uid.to_string()))
-    }
-
-    /// Forget resource `uid` (finished or deleted).
-    pub fn forget(&self, uid: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(uid);
-    }
-
-    /// Resources remembered.
-    pub fn len(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Debug for Ctx {
@@ -231,126 +181,6 @@ pub trait TaperKind:
     fn cleanup_plan(&self, _cfg: &Config) -> Option<Plan> {
         None
     }
-}
-
-/// The finalizer that holds a job with `reclaimPolicy: Delete` until its cleanup Job has
-/// emptied its store prefixes.
-pub const FINALIZER: &str = "taper.dev/storage";
-
-fn has_finalizer<K: TaperKind>(obj: &K) -> bool {
-    obj.finalizers().iter().any(|f| f == FINALIZER)
-}
-
-/// Set the resource's finalizers to `finalizers`, if its `resourceVersion` is still the
-/// one read (a concurrent change makes this fail with a conflict, and the next reconcile
-/// sees the change).
-async fn set_finalizers<K: TaperKind>(
-    ctx: &Ctx,
-    obj: &K,
-    finalizers: Vec<String>,
-) -> Result<(), Error> {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let patch = serde_json::json!({"metadata": {
-        "finalizers": finalizers,
-        "resourceVersion": obj.resource_version(),
-    }});
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Add or drop [`FINALIZER`] to match the resource's `reclaimPolicy`; whether it changed.
-async fn sync_finalizer<K: TaperKind>(ctx: &Ctx, obj: &K) -> Result<bool, Error> {
-    let want = obj.reclaim_policy() == ReclaimPolicy::Delete;
-    if want == has_finalizer(obj) {
-        return Ok(false);
-    }
-    let mut list: Vec<String> = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if want {
-        list.push(FINALIZER.to_string());
-    }
-    set_finalizers(ctx, obj, list).await?;
-    Ok(true)
-}
-
-/// A resource being deleted: with `reclaimPolicy: Delete`, run the cleanup Job and drop
-/// the finalizer once it has completed; otherwise drop it at once.
-async fn finalize<K: TaperKind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
-    if !has_finalizer(obj) {
-        return Ok(Action::await_change());
-    }
-    let owner = owner(obj);
-    let drop_finalizer = |note: Option<String>| async move {
-        let rest = obj
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        set_finalizers(ctx, obj, rest).await?;
-        if let Some(note) = note {
-            event(ctx, obj, EventType::Normal, "StorageDeleted", note).await;
-        }
-        Ok::<_, Error>(Action::await_change())
-    };
-    let plan = match (obj.reclaim_policy(), obj.cleanup_plan(&ctx.cfg)) {
-        (ReclaimPolicy::Delete, Some(plan)) => plan,
-        _ => return drop_finalizer(None).await,
-    };
-    // Nothing was ever written without the job file: the trainer never ran.
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    if config_maps
-        .get_opt(&owner.child_name(plan.command))
-        .await?
-        .is_none()
-    {
-        return drop_finalizer(None).await;
-    }
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let name = owner.child_name(build::job::CLEANUP);
-    let Some(job) = jobs.get_opt(&name).await? else {
-        apply::<Job>(
-            &ctx.client,
-            &owner.namespace,
-            &build::job::cleanup_job(&owner, &plan, &ctx.cfg),
-        )
-        .await?;
-        let note = format!("deleting the job's stored data with Job {name}");
-        event(ctx, obj, EventType::Normal, "DeletingStorage", note).await;
-        return Ok(Action::requeue(Duration::from_secs(5)));
-    };
-    let status = job.status.unwrap_or_default();
-    let has = |type_: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == type_ && c.status == "True")
-    };
-    if has("Complete") {
-        return drop_finalizer(Some(format!(
-            "Job {name} deleted everything under the job's store prefixes"
-        )))
-        .await;
-    }
-    if has("Failed") {
-        let note = format!(
-            "Job {name} could not delete the job's stored data (see its pod's log); \
-             fix the cause and delete the Job to retry, or set reclaimPolicy: Retain"
-        );
-        event(ctx, obj, EventType::Warning, "StorageDeletionFailed", note).await;
-        return Ok(Action::requeue(Duration::from_secs(60)));
-    }
-    Ok(Action::requeue(Duration::from_secs(5)))
 }
 
 fn now() -> Time {
@@ -480,36 +310,6 @@ async fn pods_of(ctx: &Ctx, owner: &Owner, job: &str) -> Result<Pods, Error> {
     }
     seen.failed = failed.map(|(_, c, m)| (c, m));
     Ok(seen)
-}
-
-/// Announce what is news since the last reconcile: a pod disrupted (`Preempted`) and a
-/// checkpoint saved (`CheckpointSaved`). Nothing for a resource that was already
-/// finished; a resource that finishes now is announced, then forgotten.
-async fn announce<K: TaperKind>(ctx: &Ctx, obj: &K, was: &str, state: State, pods: &Pods) {
-    let done = |p: &str| p == K::phase(State::Succeeded) || p == K::phase(State::Failed);
-    let uid = obj.meta().uid.clone().unwrap_or_default();
-    if done(was) {
-        ctx.announced.forget(&uid);
-        return;
-    }
-    for (pod_uid, name, reason, message) in &pods.disrupted {
-        if ctx.announced.disruption(&uid, pod_uid) {
-            let note = format!(
-                "pod {name} was disrupted ({reason}: {message}); the Job replaces it without \
-                 counting a restart, and the new pod resumes from the latest checkpoint"
-            );
-            event(ctx, obj, EventType::Warning, "Preempted", note).await;
-        }
-    }
-    if let Some((step, uri)) = obj.latest_checkpoint()
-        && ctx.announced.checkpoint(&uid, &uri)
-    {
-        let note = format!("checkpoint at step {step} saved to {uri}");
-        event(ctx, obj, EventType::Normal, "CheckpointSaved", note).await;
-    }
-    if matches!(state, State::Succeeded | State::Failed) {
-        ctx.announced.forget(&uid);
-    }
 }
 
 /// Whether every field of `status` already has that value on `obj` (then applying it
@@ -760,7 +560,7 @@ pub fn error_policy<K: TaperKind>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -
 
 #[cfg(test)]
 mod tests {
-    use super::{Announced, State, transition};
+    use super::{State, transition};
     use taper_crds::conditions::ConditionReason as R;
 
     #[test]
@@ -786,27 +586,5 @@ mod tests {
             Some("Succeeded")
         );
         assert_eq!(t("Running", State::Failed, R::InvalidData), Some("Failed"));
-    }
-
-    #[test]
-    fn each_checkpoint_and_disruption_is_announced_once_per_resource() {
-        let a = Announced::default();
-        assert!(a.checkpoint("job-1", "s3://b/step-000000010"));
-        assert!(!a.checkpoint("job-1", "s3://b/step-000000010"), "a repeat");
-        assert!(
-            a.checkpoint("job-2", "s3://b/step-000000010"),
-            "another job"
-        );
-        assert!(
-            a.checkpoint("job-1", "s3://b/step-000000020"),
-            "a newer one"
-        );
-        assert!(a.disruption("job-1", "pod-a"));
-        assert!(!a.disruption("job-1", "pod-a"));
-        assert!(a.disruption("job-1", "pod-b"));
-        assert_eq!(a.len(), 2);
-        a.forget("job-1");
-        assert_eq!(a.len(), 1, "a finished or deleted job is forgotten");
-        assert!(a.checkpoint("job-1", "s3://b/step-000000020"));
     }
 }
