@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 pub mod cluster;
+pub mod helm;
 pub mod http;
 pub mod minio;
 pub mod pki;

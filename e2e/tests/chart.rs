@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    process::{Command, Output},
+    process::Output,
 };
 
 use k8s_openapi::{
@@ -18,9 +18,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::api::resource::Quantity,
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
-use taper_e2e::workspace_root;
 
 const NAMESPACE: &str = "taper-system";
 const RELEASE: &str = "taper";
@@ -35,18 +33,14 @@ fn tool(name: &str) -> PathBuf {
     path
 }
 
-fn chart() -> PathBuf {
-    workspace_root().join("charts/taper")
-}
-
 /// `helm ARGS…` with Helm's cache, configuration and data folders out of the user's home.
 fn helm(args: &[&str]) -> Output {
-    let tmp = std::env::temp_dir();
-    Command::new(tool("helm"))
+    assert!(
+        tool("helm").exists(),
+        "helm is built by e2e/scripts/build-tools.sh"
+    );
+    taper_e2e::helm::command()
         .args(args)
-        .env("HELM_CACHE_HOME", tmp.join("taper-helm-cache"))
-        .env("HELM_CONFIG_HOME", tmp.join("taper-helm-config"))
-        .env("HELM_DATA_HOME", tmp.join("taper-helm-data"))
         .output()
         .expect("helm runs")
 }
@@ -66,19 +60,9 @@ struct Rendered {
 
 impl Rendered {
     fn new(extra: &[&str]) -> Self {
-        let chart = chart();
-        let chart = chart.to_str().expect("UTF-8 path");
-        let mut args = vec!["template", RELEASE, chart, "--namespace", NAMESPACE];
-        args.extend_from_slice(extra);
-        let out = helm(&args);
-        assert!(out.status.success(), "helm {args:?} failed: {}", text(&out));
-        let mut objects = Vec::new();
-        for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
-            let value = Value::deserialize(doc).expect("rendered YAML parses");
-            if !value.is_null() {
-                objects.push(value);
-            }
-        }
+        tool("helm");
+        let objects =
+            taper_e2e::helm::template(RELEASE, NAMESPACE, extra).unwrap_or_else(|e| panic!("{e}"));
         Self { objects }
     }
 
@@ -249,7 +233,7 @@ fn assert_operator_rules(rules: &[PolicyRule], what: &str) {
 
 #[test]
 fn helm_lint_passes_plain_and_strict() {
-    let chart = chart();
+    let chart = taper_e2e::helm::chart();
     let chart = chart.to_str().expect("UTF-8 path");
     for args in [vec!["lint", chart], vec!["lint", "--strict", chart]] {
         let out = helm(&args);
@@ -604,7 +588,7 @@ fn values_reach_the_operators_environment() {
 
 #[test]
 fn schema_rejects_typos_and_wrong_types_naming_the_field() {
-    let chart = chart();
+    let chart = taper_e2e::helm::chart();
     let chart = chart.to_str().expect("UTF-8 path");
     for (set, field) in [
         (["--set", "replica=2"], "replica"),
@@ -654,7 +638,7 @@ const MONITORING_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "Prometheus
 
 #[test]
 fn lint_and_template_pass_on_every_value_set() {
-    let chart = chart();
+    let chart = taper_e2e::helm::chart();
     let chart = chart.to_str().expect("UTF-8 path");
     let sets: Vec<(&str, Vec<&str>)> = vec![
         ("defaults", vec![]),
@@ -869,7 +853,7 @@ fn dashboards_are_configmaps_with_the_sidecar_label_and_a_datasource_variable() 
 
 #[test]
 fn schema_rejects_wrong_monitoring_values_naming_the_field() {
-    let chart = chart();
+    let chart = taper_e2e::helm::chart();
     let chart = chart.to_str().expect("UTF-8 path");
     for (set, field) in [
         (

@@ -7,7 +7,6 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 use taper_e2e::workspace_root;
 
@@ -26,27 +25,8 @@ fn tool(name: &str) -> PathBuf {
 
 /// The objects `helm template` renders with `--set` `sets`.
 fn render(sets: &[&str]) -> Vec<Value> {
-    let tmp = std::env::temp_dir();
-    let mut cmd = Command::new(tool("helm"));
-    cmd.args(["template", "taper"])
-        .arg(workspace_root().join("charts/taper"))
-        .args(["--namespace", NAMESPACE])
-        .env("HELM_CACHE_HOME", tmp.join("taper-helm-cache"))
-        .env("HELM_CONFIG_HOME", tmp.join("taper-helm-config"))
-        .env("HELM_DATA_HOME", tmp.join("taper-helm-data"));
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.output().expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| Value::deserialize(d).expect("YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    taper_e2e::helm::template("taper", NAMESPACE, &args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The rendered PrometheusRule's `spec` (a Prometheus rules file: `groups`).

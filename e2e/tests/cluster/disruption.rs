@@ -16,7 +16,7 @@ use taper_e2e::runner::{
     PREEMPTION_BY_SCHEDULER, TERMINATION_BY_KUBELET,
 };
 
-use crate::support::{eventually_or, kubectl, ok};
+use crate::support::{eventually_or, kubectl, ml_events, ok};
 
 const NAME: &str = "disrupted";
 const JOB: &str = "disrupted-pretrain";
@@ -274,22 +274,9 @@ pub(crate) fn disruption_checks(admin: &Path, pod_logs: &Path, operator_log: &Pa
         job["status"],
         context("counted")()
     );
-    let events = ok(
-        &kubectl(
-            admin,
-            &[
-                "get",
-                "events",
-                "-n",
-                "ml",
-                "--field-selector",
-                &format!("involvedObject.name={NAME},reason=Preempted"),
-                "-o",
-                "json",
-            ],
-            None,
-        ),
-        "events",
+    let events = ml_events(
+        admin,
+        &format!("involvedObject.name={NAME},reason=Preempted"),
     );
     // Kubernetes' event recorder folds repeats of one reason on one object into a series
     // that keeps the first note: the note names whichever disrupted pod the operator saw

@@ -198,21 +198,7 @@ async fn control_plane_suite() {
         "the operator, as the chart's ServiceAccount: a Dataset and a PretrainJob run to completion through Jobs",
     );
     let minio = taper_e2e::minio::Minio::start().expect("MinIO starts");
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .endpoint_url(minio.endpoint())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                taper_e2e::minio::ACCESS_KEY,
-                taper_e2e::minio::SECRET_KEY,
-                None,
-                None,
-                "e2e",
-            ))
-            .force_path_style(true)
-            .behavior_version_latest()
-            .build(),
-    );
+    let s3 = support::minio_client(&minio.endpoint());
     s3.create_bucket()
         .bucket("taper")
         .send()

@@ -25,7 +25,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 use taper_e2e::prometheus::Prometheus;
 
@@ -49,25 +48,16 @@ fn now() -> f64 {
 
 /// The chart rendered with every monitoring part on and a 1 s scrape interval.
 fn render() -> Vec<Value> {
-    let out = std::process::Command::new(taper_e2e::minio::tools_dir().join("helm"))
-        .args(["template", "taper"])
-        .arg(taper_e2e::workspace_root().join("charts/taper"))
-        .args(["--namespace", "taper-system", "--set"])
-        .arg(
+    taper_e2e::helm::template(
+        "taper",
+        "taper-system",
+        &[
+            "--set",
             "monitoring.scrapeConfig.enabled=true,monitoring.scrapeConfig.interval=1s,\
              monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true",
-        )
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| Value::deserialize(d).expect("YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn sanitize(label: &str) -> String {

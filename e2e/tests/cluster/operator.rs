@@ -13,7 +13,9 @@ use std::{
 use serde_json::{Value, json};
 use taper_e2e::process::Proc;
 
-use crate::support::{eventually_or, kubectl, ok, wait_for_default_service_account};
+use crate::support::{
+    assert_event_reasons, eventually_or, kubectl, ml_events, ok, wait_for_default_service_account,
+};
 
 /// Where the operator runs and what it talks to.
 pub(crate) struct Setup {
@@ -109,23 +111,12 @@ fn start_operator(s: &Setup, log: &str) -> Proc {
 
 /// The chart's ServiceAccount and RBAC, rendered by helm and applied by the admin.
 fn install_rbac(s: &Setup) {
-    let helm = taper_e2e::minio::tools_dir().join("helm");
-    let out = Command::new(&helm)
-        .args(["template", "taper"])
-        .arg(taper_e2e::workspace_root().join("charts/taper"))
-        .args(["--namespace", "taper-system"])
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rendered =
+        taper_e2e::helm::template("taper", "taper-system", &[]).unwrap_or_else(|e| panic!("{e}"));
     let mut items = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "taper-system"}}),
     ];
-    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
-        let v: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML");
+    for v in rendered {
         let kind = v["kind"].as_str().unwrap_or_default();
         if [
             "ServiceAccount",
@@ -279,29 +270,8 @@ pub(crate) fn operator_checks(s: &Setup) {
     assert_eq!(rules[0]["action"], "FailJob");
     assert_eq!(rules[0]["onExitCodes"]["values"], json!([2, 3, 4]));
     assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "PretrainJob");
-    let events = ok(
-        &kubectl(
-            &s.admin,
-            &[
-                "get",
-                "events",
-                "-n",
-                "ml",
-                "--field-selector",
-                "involvedObject.name=gpt",
-                "-o",
-                "json",
-            ],
-            None,
-        ),
-        "events",
-    );
-    for reason in ["Created", "CheckpointSaved", "Succeeded"] {
-        assert!(
-            events.contains(&format!("\"reason\": \"{reason}\"")),
-            "event {reason}: {events}"
-        );
-    }
+    let events = ml_events(&s.admin, "involvedObject.name=gpt");
+    assert_event_reasons(&events, &["Created", "CheckpointSaved", "Succeeded"]);
     // Kubernetes folds repeats of an Event (same reason, same object) into one series with
     // a count: the first checkpoint's note stands for the series.
     assert!(
@@ -613,21 +583,7 @@ fn s3_keys(endpoint: &str, prefix: &str) -> Vec<String> {
         .enable_all()
         .build()
         .expect("runtime");
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .endpoint_url(endpoint)
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                taper_e2e::minio::ACCESS_KEY,
-                taper_e2e::minio::SECRET_KEY,
-                None,
-                None,
-                "e2e",
-            ))
-            .force_path_style(true)
-            .behavior_version_latest()
-            .build(),
-    );
+    let client = crate::support::minio_client(endpoint);
     rt.block_on(async {
         let listed = client
             .list_objects_v2()
@@ -700,27 +656,6 @@ fn reclaim_checks(s: &Setup, describe: impl Fn() -> String) {
         gpt_before,
         "Retain (the default) leaves other jobs' data alone"
     );
-    let events = ok(
-        &kubectl(
-            &s.admin,
-            &[
-                "get",
-                "events",
-                "-n",
-                "ml",
-                "--field-selector",
-                "involvedObject.name=reclaimed",
-                "-o",
-                "json",
-            ],
-            None,
-        ),
-        "events of reclaimed",
-    );
-    for reason in ["DeletingStorage", "StorageDeleted"] {
-        assert!(
-            events.contains(&format!("\"reason\": \"{reason}\"")),
-            "event {reason}: {events}"
-        );
-    }
+    let events = ml_events(&s.admin, "involvedObject.name=reclaimed");
+    assert_event_reasons(&events, &["DeletingStorage", "StorageDeleted"]);
 }

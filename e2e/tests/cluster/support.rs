@@ -98,3 +98,54 @@ pub(crate) fn wait_for_default_service_account(kubeconfig: &Path, ns: &str) {
         },
     );
 }
+
+/// An S3 client for the suite's MinIO at `endpoint` (path-style, its root credentials).
+pub(crate) fn minio_client(endpoint: &str) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .endpoint_url(endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                taper_e2e::minio::ACCESS_KEY,
+                taper_e2e::minio::SECRET_KEY,
+                None,
+                None,
+                "e2e",
+            ))
+            .force_path_style(true)
+            .behavior_version_latest()
+            .build(),
+    )
+}
+
+/// The Events of namespace `ml` matching the field `selector` (e.g.
+/// `involvedObject.name=gpt`), as `kubectl get events -o json` prints them.
+pub(crate) fn ml_events(kubeconfig: &Path, selector: &str) -> String {
+    ok(
+        &kubectl(
+            kubeconfig,
+            &[
+                "get",
+                "events",
+                "-n",
+                "ml",
+                "--field-selector",
+                selector,
+                "-o",
+                "json",
+            ],
+            None,
+        ),
+        "events",
+    )
+}
+
+/// Assert that `events` (from [`ml_events`]) holds an Event of each of `reasons`.
+pub(crate) fn assert_event_reasons(events: &str, reasons: &[&str]) {
+    for reason in reasons {
+        assert!(
+            events.contains(&format!("\"reason\": \"{reason}\"")),
+            "event {reason}: {events}"
+        );
+    }
+}
