@@ -275,6 +275,7 @@ fn default_values_render_the_operator_deployment() {
         ("TAPER_HEALTH_ADDR", "0.0.0.0:8081".into()),
         ("TAPER_RECONCILE_CONCURRENCY", "8".into()),
         ("TAPER_TRAINER_GRACE_SECONDS", "300".into()),
+        ("TAPER_TRAINER_SCRAPE_ANNOTATIONS", "false".into()),
         ("RUST_LOG", "info".into()),
     ];
     for (name, value) in &want_literals {
@@ -789,6 +790,11 @@ fn monitors_select_the_operator_service_and_the_trainer_pods() {
     assert_eq!(
         annotations.get("prometheus.io/path").map(String::as_str),
         Some("/metrics")
+    );
+    // … and on the trainer pods, which the operator annotates when told to.
+    assert_eq!(
+        env_value(&r.deployment(), "TAPER_TRAINER_SCRAPE_ANNOTATIONS"),
+        "true"
     );
 }
 

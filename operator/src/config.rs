@@ -74,6 +74,10 @@ pub struct Config {
     /// `terminationGracePeriodSeconds` of trainer pods: long enough to save a checkpoint.
     #[arg(long, env = "TAPER_TRAINER_GRACE_SECONDS", default_value_t = 300)]
     pub trainer_grace_seconds: i64,
+    /// Put `prometheus.io/scrape`, `/port` and `/path` annotations on trainer pods, for a
+    /// Prometheus without prometheus-operator that scrapes annotated pods.
+    #[arg(long, env = "TAPER_TRAINER_SCRAPE_ANNOTATIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trainer_scrape_annotations: bool,
 }
 
 impl Config {

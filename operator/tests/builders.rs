@@ -228,6 +228,38 @@ fn trainer_pods_meet_the_restricted_pod_security_standard() {
 }
 
 #[test]
+fn trainer_pods_carry_scrape_annotations_only_when_configured() {
+    let pj = pretrain_job();
+    let inputs = Inputs {
+        dataset: Some(dataset(true)),
+        base: None,
+    };
+    let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    let owner = controller::owner(&pj);
+    let annotations = |c: &Config| {
+        build::job::job(&owner, &plan, c, Some(false))
+            .spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+    };
+    assert_eq!(annotations(&cfg()), None, "off by default");
+    let mut on = cfg();
+    on.trainer_scrape_annotations = true;
+    let got = annotations(&on).expect("annotations");
+    // Prometheus' `kubernetes-pods` convention, written out here independently of the
+    // builder: the trainer serves /metrics on port 9090.
+    let want: std::collections::BTreeMap<String, String> = [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "9090"),
+        ("prometheus.io/path", "/metrics"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
 fn a_queued_job_keeps_the_suspend_kueue_gave_it_and_a_suspended_one_stays_suspended() {
     let pj = pretrain_job();
     let inputs = Inputs {

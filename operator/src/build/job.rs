@@ -272,6 +272,22 @@ fn container(owner: &Owner, plan: &Plan, cfg: &Config) -> Container {
     }
 }
 
+/// The annotations of Prometheus' usual `kubernetes-pods` scrape job: the trainer's
+/// metrics port and path.
+fn scrape_annotations() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        (
+            "prometheus.io/port".to_string(),
+            pod::METRICS_PORT.to_string(),
+        ),
+        (
+            "prometheus.io/path".to_string(),
+            pod::METRICS_PATH.to_string(),
+        ),
+    ])
+}
+
 /// The Job `<name>-<command>`; `current_suspend` is the existing Job's `spec.suspend`
 /// (`None` before it exists). It is created suspended when the resource is suspended or
 /// queued (Kueue admits it by unsuspending); a queued Job keeps the `suspend` it has, so
@@ -300,6 +316,7 @@ pub fn job(owner: &Owner, plan: &Plan, cfg: &Config, current_suspend: Option<boo
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    annotations: cfg.trainer_scrape_annotations.then(scrape_annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
