@@ -125,6 +125,74 @@ enum DashboardsAction {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Draw each panel of the dashboards from a Prometheus over a time range as PNG
+    /// charts: `<out>/<dashboard>.png` (the whole dashboard, on Grafana's grid) and
+    /// `<out>/<dashboard>/<NN>-<panel>.png`. Prints a JSON summary per dashboard.
+    Render {
+        /// The Prometheus to ask (its HTTP API).
+        #[arg(long, default_value = "http://localhost:9090")]
+        prometheus: String,
+        /// Dashboards to draw (`training`, `operator`); default: all.
+        #[arg(long = "dashboard")]
+        dashboards: Vec<String>,
+        /// A variable's value, e.g. `--var namespace=ml --var job=gpt`; a variable not
+        /// given takes its first value in Prometheus, as Grafana does.
+        #[arg(long = "var", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+        /// How far back from the end the range starts, e.g. `30m`, `6h`, `2d`.
+        #[arg(long, default_value = "1h", conflicts_with = "start")]
+        since: String,
+        /// Start of the range (unix seconds); instead of --since.
+        #[arg(long)]
+        start: Option<f64>,
+        /// End of the range (unix seconds); default: now.
+        #[arg(long)]
+        end: Option<f64>,
+        /// Prometheus' scrape interval, for `$__rate_interval`, e.g. `30s`.
+        #[arg(long, default_value = "30s")]
+        scrape_interval: String,
+        /// Width of a dashboard's PNG in pixels.
+        #[arg(long, default_value_t = 1600)]
+        width: u32,
+        /// A TrueType font for the text; default: DejaVu Sans or Liberation Sans.
+        #[arg(long)]
+        font: Option<PathBuf>,
+        /// The folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `name=value` of `--var`.
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.trim_start_matches('$').to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected name=value, got {text:?}"))
+}
+
+/// Seconds of `90s`, `15m`, `6h`, `2d` (or plain seconds).
+fn parse_duration(text: &str) -> Result<f64, JobError> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+    let factor = match unit {
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "w" => 604_800.0,
+        _ => {
+            return Err(JobError::Spec(format!(
+                "duration {text:?}: unit must be s, m, h, d or w"
+            )));
+        }
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n > 0.0)
+        .map(|n| n * factor)
+        .ok_or_else(|| JobError::Spec(format!("duration {text:?}: expected e.g. 90s, 15m, 6h")))
 }
 
 #[derive(Debug, clap::Args)]
@@ -313,6 +381,78 @@ fn run(cli: Cli) -> Result<u8, JobError> {
                 std::fs::write(&path, d.to_file())
                     .map_err(|e| JobError::Internal(format!("{}: {e}", path.display())))?;
                 println!("{}", path.display());
+            }
+        }
+        Command::Dashboards {
+            action:
+                DashboardsAction::Render {
+                    prometheus,
+                    dashboards,
+                    vars,
+                    since,
+                    start,
+                    end,
+                    scrape_interval,
+                    width,
+                    font,
+                    out,
+                },
+        } => {
+            use taper_trainer::dashboards::{self, draw, prom::Prometheus, render};
+            let spec = |e: render::RenderError| JobError::Spec(e.to_string());
+            let end = match end {
+                Some(t) => t,
+                None => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .map_err(|e| JobError::Internal(format!("clock: {e}")))?,
+            };
+            let start = match start {
+                Some(t) => t,
+                None => end - parse_duration(&since)?,
+            };
+            let window = render::Window::new(start, end).map_err(spec)?;
+            let scrape = parse_duration(&scrape_interval)?;
+            let all = dashboards::all();
+            let chosen: Vec<&dashboards::Dashboard> = if dashboards.is_empty() {
+                all.iter().collect()
+            } else {
+                dashboards
+                    .iter()
+                    .map(|name| {
+                        all.iter().find(|d| d.file == name.as_str()).ok_or_else(|| {
+                            JobError::Spec(format!(
+                                "no dashboard {name:?}; there are: {}",
+                                all.iter().map(|d| d.file).collect::<Vec<_>>().join(", ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            let font = draw::load_font(font.as_deref()).map_err(spec)?;
+            eprintln!("font: {}", font.display());
+            let given: std::collections::BTreeMap<String, String> = vars.into_iter().collect();
+            let prom = Prometheus::new(&prometheus).map_err(spec)?;
+            let rt = runtime()?;
+            for d in chosen {
+                let fetched = rt
+                    .block_on(render::fetch(&prom, d, &given, &window, scrape))
+                    .map_err(|e| JobError::Internal(e.to_string()))?;
+                let rendered = render::write(d, &fetched, &window, width, &out)
+                    .map_err(|e| JobError::Internal(e.to_string()))?;
+                eprintln!("{} → {}", rendered.dashboard, rendered.png.display());
+                for p in &rendered.panels {
+                    let note = match (p.series, p.needs) {
+                        (0, "dcgm") => "no data: needs dcgm-exporter",
+                        (0, _) => "no data",
+                        _ => "",
+                    };
+                    eprintln!(
+                        "  {:<44} {:>3} series {:>6} points  {note}",
+                        p.title, p.series, p.points
+                    );
+                }
+                println!("{}", serde_json::to_string(&rendered).unwrap_or_default());
             }
         }
         Command::CheckKernels { device } => {

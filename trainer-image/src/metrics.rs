@@ -18,13 +18,14 @@ use taper_crds::pod::metric;
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// `taper_train_loss`: latest training loss.
-    pub train_loss: Gauge,
+    /// `taper_train_loss`: latest training loss; set with [`Metrics::set_step`], absent
+    /// before the first step (a 0 would be a loss never reached).
+    train_loss: Gauge,
     /// `taper_val_loss`: latest validation loss; set it with [`Metrics::set_val_loss`],
     /// which registers it on first use.
     val_loss: Gauge,
-    /// `taper_learning_rate`: current learning rate.
-    pub learning_rate: Gauge,
+    /// `taper_learning_rate`: current learning rate; absent before the first step.
+    learning_rate: Gauge,
     /// `taper_train_step`: optimizer steps taken.
     pub step: IntGauge,
     /// `taper_train_tokens_total`: training tokens consumed.
@@ -44,8 +45,9 @@ pub struct Metrics {
     pub val_loss_rises: IntGauge,
     /// `taper_checkpoint_failures_total`: checkpoint saves that failed.
     pub checkpoint_failures: IntCounter,
-    /// `taper_checkpoint_size_bytes`: bytes of the latest checkpoint's files.
-    pub checkpoint_size: IntGauge,
+    /// `taper_checkpoint_size_bytes`: bytes of the latest checkpoint's files; absent
+    /// before the first checkpoint. Set with [`Metrics::set_checkpoint_size`].
+    checkpoint_size: IntGauge,
 }
 
 impl Metrics {
@@ -110,8 +112,6 @@ impl Metrics {
             ))?,
             registry,
         };
-        m.registry.register(Box::new(m.train_loss.clone()))?;
-        m.registry.register(Box::new(m.learning_rate.clone()))?;
         m.registry.register(Box::new(m.step.clone()))?;
         m.registry.register(Box::new(m.tokens.clone()))?;
         m.registry.register(Box::new(m.step_duration.clone()))?;
@@ -122,8 +122,28 @@ impl Metrics {
         m.registry.register(Box::new(m.val_loss_rises.clone()))?;
         m.registry
             .register(Box::new(m.checkpoint_failures.clone()))?;
-        m.registry.register(Box::new(m.checkpoint_size.clone()))?;
         Ok(m)
+    }
+
+    /// Register `collector` unless it already is (its series appears with its first value).
+    fn expose(&self, collector: Box<dyn prometheus::core::Collector>) {
+        // AlreadyReg after the first call: the metric is already exposed.
+        let _ = self.registry.register(collector);
+    }
+
+    /// Set `taper_train_loss` and `taper_learning_rate` after a step (they are absent
+    /// before the first).
+    pub fn set_step(&self, loss: f64, lr: f64) {
+        self.train_loss.set(loss);
+        self.learning_rate.set(lr);
+        self.expose(Box::new(self.train_loss.clone()));
+        self.expose(Box::new(self.learning_rate.clone()));
+    }
+
+    /// Set `taper_checkpoint_size_bytes` after a save (absent before the first).
+    pub fn set_checkpoint_size(&self, bytes: i64) {
+        self.checkpoint_size.set(bytes);
+        self.expose(Box::new(self.checkpoint_size.clone()));
     }
 
     /// Set `taper_val_loss`, registering it the first time (it is absent before).
@@ -176,26 +196,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn val_loss_is_absent_until_the_first_evaluation_and_labels_are_bounded() {
+    fn values_not_yet_known_are_absent_and_labels_are_bounded() {
         let m = Metrics::new("PretrainJob", "ml", "gpt").expect("metrics");
         let before = m.render();
-        assert!(!before.contains(metric::VAL_LOSS), "{before}");
-        for name in metric::ALL.iter().filter(|n| **n != metric::VAL_LOSS) {
+        // No loss, learning rate or checkpoint before the first step and save: a 0 there
+        // would draw a loss never reached.
+        let later = [
+            metric::VAL_LOSS,
+            metric::TRAIN_LOSS,
+            metric::LEARNING_RATE,
+            metric::CHECKPOINT_SIZE,
+        ];
+        for name in later {
+            assert!(!before.contains(&format!("{name}{{")), "{name}:\n{before}");
+        }
+        for name in metric::ALL.iter().filter(|n| !later.contains(n)) {
             assert!(before.contains(name), "{name} missing:\n{before}");
         }
         m.set_val_loss(3.25);
         m.set_val_loss(3.5);
+        m.set_step(4.0, 6e-4);
+        m.set_step(3.75, 5e-4);
+        m.set_checkpoint_size(1024);
         let after = m.render();
-        let line = format!(
-            "{}{{kind=\"PretrainJob\",name=\"gpt\",namespace=\"ml\"}} 3.5",
-            metric::VAL_LOSS
-        );
-        assert!(after.contains(&line), "{after}");
-        assert_eq!(
-            after
-                .matches(&format!("# TYPE {} gauge", metric::VAL_LOSS))
-                .count(),
-            1
-        );
+        let labels = "{kind=\"PretrainJob\",name=\"gpt\",namespace=\"ml\"}";
+        for (name, value) in [
+            (metric::VAL_LOSS, "3.5"),
+            (metric::TRAIN_LOSS, "3.75"),
+            (metric::LEARNING_RATE, "0.0005"),
+            (metric::CHECKPOINT_SIZE, "1024"),
+        ] {
+            let line = format!("{name}{labels} {value}");
+            assert!(after.contains(&line), "{line}:\n{after}");
+            assert_eq!(
+                after.matches(&format!("# TYPE {name} gauge")).count(),
+                1,
+                "{name}"
+            );
+        }
     }
 }

@@ -37,6 +37,7 @@ pub(crate) struct Monitoring {
     rendered: Vec<Value>,
     stop: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<()>>,
+    work: PathBuf,
 }
 
 fn now() -> f64 {
@@ -235,6 +236,7 @@ pub(crate) fn start(admin: &Path, work: &Path) -> Monitoring {
         rendered,
         stop,
         watcher: Some(watcher),
+        work: work.to_path_buf(),
     }
 }
 
@@ -400,6 +402,93 @@ impl Monitoring {
         for quiet in ["TaperLossNotFinite", "TaperCheckpointFailing"] {
             assert!(!names.contains(&quiet), "{quiet} on a healthy run");
         }
+        self.preview(end);
         drop(self.prometheus);
     }
+
+    /// `taper dashboards render` draws every panel from this Prometheus: each panel that
+    /// needs only Taper shows data for the gpt job, the DCGM ones say why they cannot.
+    /// With `$TAPER_DASHBOARD_PREVIEW` set, the PNGs are copied there (the README's picture
+    /// comes from this run).
+    fn preview(&self, end: f64) {
+        // The Training dashboard over the gpt job's life (a few seconds of a run of some
+        // minutes), the Operator dashboard over the whole run.
+        let steps = self
+            .range(r#"taper_train_step{namespace="ml", name="gpt"}"#, end)
+            .expect("gpt's steps");
+        let times: Vec<f64> = steps
+            .iter()
+            .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v[0].as_f64())
+            .collect();
+        let first = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let last = times.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(first.is_finite(), "gpt's steps were scraped");
+        let mut rendered = self.render("training", first - 3.0, last + 3.0);
+        rendered.extend(self.render("operator", self.started, end));
+        for d in &rendered {
+            let png = PathBuf::from(d["png"].as_str().unwrap_or_default());
+            assert!(is_png(&png), "{}", png.display());
+            for p in d["panels"].as_array().into_iter().flatten() {
+                let file = PathBuf::from(p["png"].as_str().unwrap_or_default());
+                assert!(is_png(&file), "{}", file.display());
+                let series = p["series"].as_u64().unwrap_or(0);
+                if p["needs"] == "dcgm" {
+                    assert_eq!(series, 0, "{p}");
+                } else {
+                    assert!(
+                        series > 0,
+                        "{} / {} drew no data",
+                        d["dashboard"],
+                        p["title"]
+                    );
+                }
+            }
+        }
+        if let Some(dir) = std::env::var_os("TAPER_DASHBOARD_PREVIEW") {
+            let dir = PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).expect("preview folder");
+            for d in &rendered {
+                let png = PathBuf::from(d["png"].as_str().unwrap_or_default());
+                let name = png.file_name().expect("file name");
+                std::fs::copy(&png, dir.join(name)).expect("copy preview");
+            }
+        }
+    }
+
+    /// `taper dashboards render` of one dashboard over `start..end`: its JSON summary.
+    fn render(&self, dashboard: &str, start: f64, end: f64) -> Vec<Value> {
+        let output = std::process::Command::new(taper_e2e::taper_bin())
+            .args(["dashboards", "render", "--dashboard", dashboard])
+            .args(["--prometheus", &self.prometheus.url()])
+            .args(["--var", "namespace=ml", "--var", "job=gpt"])
+            .args(["--var", "operator_job=taper-operator-metrics"])
+            .args([
+                "--start",
+                &format!("{start:.0}"),
+                "--end",
+                &format!("{end:.0}"),
+            ])
+            .args(["--scrape-interval", "1s"])
+            .arg("--out")
+            .arg(self.work.join("preview"))
+            .output()
+            .expect("taper dashboards render runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "render failed: {stderr}");
+        println!("  dashboards render:\n{stderr}");
+        let rendered: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON summary per dashboard"))
+            .collect();
+        assert_eq!(rendered.len(), 1, "{dashboard}");
+        rendered
+    }
+}
+
+/// A PNG file: its signature and more than a header's worth of bytes.
+fn is_png(path: &Path) -> bool {
+    std::fs::read(path)
+        .map(|b| b.len() > 1000 && b.starts_with(b"\x89PNG\r\n\x1a\n"))
+        .unwrap_or(false)
 }

@@ -328,8 +328,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         if let Some(m) = run.metrics {
             m.checkpoint_save.observe(secs);
             let bytes: u64 = saved.manifest.files.iter().map(|f| f.size).sum();
-            m.checkpoint_size
-                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            m.set_checkpoint_size(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         let state = &snapshot.state;
         emit(ProgressEvent::Checkpoint(CheckpointSaved {
@@ -397,8 +396,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
                 let tok_s = stats.tokens as f64 / secs.max(1e-9);
                 let mfu = run.peak_flops.map(|peak| flops * tok_s / peak);
                 if let Some(m) = run.metrics {
-                    m.train_loss.set(stats.loss as f64);
-                    m.learning_rate.set(stats.lr);
+                    m.set_step(stats.loss as f64, stats.lr);
                     m.step.set(stats.step as i64);
                     m.tokens.inc_by(stats.tokens);
                     m.step_duration.observe(secs);

@@ -10,6 +10,10 @@
 use serde_json::{Value, json};
 use taper_crds::pod::metric;
 
+pub mod draw;
+pub mod prom;
+pub mod render;
+
 /// How a panel shows its queries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PanelKind {
@@ -405,21 +409,12 @@ impl Dashboard {
                 "includeAll": false, "multi": false,
             }));
         }
-        let (mut x, mut y, mut row_height) = (0u32, 0u32, 0u32);
         let panels: Vec<Value> = self
             .panels
             .iter()
+            .zip(render::layout(&self.panels))
             .enumerate()
-            .map(|(i, p)| {
-                let h = if p.kind == PanelKind::Stat { 4 } else { 8 };
-                if x + p.width > 24 {
-                    x = 0;
-                    y += row_height;
-                    row_height = 0;
-                }
-                let pos = json!({"x": x, "y": y, "w": p.width, "h": h});
-                x += p.width;
-                row_height = row_height.max(h);
+            .map(|(i, (p, pos))| {
                 let targets: Vec<Value> = p
                     .queries
                     .iter()
@@ -501,7 +496,7 @@ mod tests {
             let committed = std::fs::read_to_string(chart_file(d.file)).expect("dashboard file");
             assert!(
                 committed == d.to_file(),
-                "charts/taper/files/dashboards/{}.json drifted from trainer-image/src/dashboards.rs: \
+                "charts/taper/files/dashboards/{}.json drifted from trainer-image/src/dashboards/mod.rs: \
                  run `cargo run -p taper-trainer -- dashboards json --out charts/taper/files/dashboards`",
                 d.file
             );
