@@ -195,7 +195,7 @@ async fn control_plane_suite() {
     .expect("trainer pod checks");
 
     step(
-        "the operator, as the chart's ServiceAccount: a Dataset and a PretrainJob run to completion through Jobs",
+        "helm install; the operator with the chart's values, as its ServiceAccount: a Dataset and a PretrainJob run to completion through Jobs",
     );
     let minio = taper_e2e::minio::Minio::start().expect("MinIO starts");
     let s3 = support::minio_client(&minio.endpoint());

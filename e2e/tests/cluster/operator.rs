@@ -1,5 +1,6 @@
-//! The operator end to end, authenticated as the chart's ServiceAccount with the chart's
-//! RBAC (rendered by `helm template`, never as admin): a Dataset and a PretrainJob run to
+//! The operator end to end: the chart installed with `helm install`, the operator started
+//! as a host process with the installed Deployment's environment and authenticated as the
+//! chart's ServiceAccount with the chart's RBAC (never as admin): a Dataset and a PretrainJob run to
 //! `Ready`/`Succeeded` through the Job controller and the pod runner, with shards and
 //! checkpoints in MinIO and the live figures in status; a missing reference and a
 //! permanently failing Dataset end with conditions that name the cause; a restarted
@@ -80,6 +81,11 @@ fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
+/// The operator as a host process started with the environment of the container in the
+/// Deployment that `helm install` created: only what a process on this host must differ
+/// in is replaced (the pod's name and namespace, which the API server would fill in, and
+/// the listen addresses, so that two replicas can share the host); it authenticates as the
+/// chart's ServiceAccount.
 fn start_operator(s: &Setup, log: &str) -> Proc {
     let bin = taper_e2e::operator_bin();
     assert!(
@@ -89,56 +95,113 @@ fn start_operator(s: &Setup, log: &str) -> Proc {
     );
     let port = |_| taper_e2e::minio::free_port().expect("port");
     let mut cmd = Command::new(bin);
-    cmd.env("KUBECONFIG", &s.operator)
-        .env("TAPER_WATCH_NAMESPACES", "")
-        .env(
-            "TAPER_TRAINER_IMAGE",
-            "ghcr.io/taper-dev/taper-trainer:0.1.0",
-        )
-        .env("TAPER_DEFAULT_OUTPUT_URI", "s3://taper")
-        .env("TAPER_S3_ENDPOINT", &s.s3_endpoint)
-        .env("TAPER_S3_REGION", "us-east-1")
-        .env("TAPER_S3_CREDENTIALS_SECRET", "s3")
-        .env("TAPER_LEADER_ELECTION", "true")
-        .env("POD_NAMESPACE", "taper-system")
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KUBECONFIG", &s.operator);
+    for (name, value) in chart_env(s) {
+        cmd.env(name, value);
+    }
+    cmd.env("POD_NAMESPACE", "taper-system")
         .env("POD_NAME", log)
         .env("TAPER_METRICS_ADDR", format!("127.0.0.1:{}", port(0)))
-        .env("TAPER_HEALTH_ADDR", format!("127.0.0.1:{}", port(1)))
-        .env("TAPER_TRAINER_GRACE_SECONDS", "60")
-        .env("RUST_LOG", "info");
+        .env("TAPER_HEALTH_ADDR", format!("127.0.0.1:{}", port(1)));
     Proc::spawn("taper-operator", cmd, &s.work.join(format!("{log}.log"))).expect("operator starts")
 }
 
-/// The chart's ServiceAccount and RBAC, rendered by helm and applied by the admin.
-fn install_rbac(s: &Setup) {
-    let rendered =
-        taper_e2e::helm::template("taper", "taper-system", &[]).unwrap_or_else(|e| panic!("{e}"));
-    let mut items = vec![
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "taper-system"}}),
-    ];
-    for v in rendered {
-        let kind = v["kind"].as_str().unwrap_or_default();
-        if [
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
-        ]
-        .contains(&kind)
-        {
-            items.push(v);
-        }
-    }
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-    ok(
-        &kubectl(&s.admin, &["apply", "-f", "-"], Some(&list.to_string())),
-        "the chart's RBAC",
+/// The literal environment of the operator container of the installed Deployment.
+fn chart_env(s: &Setup) -> Vec<(String, String)> {
+    let deployment = get(
+        &s.admin,
+        &[
+            "get",
+            "deployment",
+            "-n",
+            "taper-system",
+            "taper-operator",
+            "-o",
+            "json",
+        ],
+    )
+    .expect("the chart's Deployment is installed");
+    let containers = &deployment["spec"]["template"]["spec"]["containers"];
+    containers[0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// `helm install` of the chart into the suite's API server, with the values a platform
+/// team would give for this cluster: two replicas (so leader election), the MinIO as
+/// default output, the S3 Secret's name, scrape annotations on trainer pods.
+fn install_chart(s: &Setup) {
+    let values = format!(
+        "replicas=2,storage.defaultOutputUri=s3://taper,storage.endpoint={},\
+         storage.region=us-east-1,storage.credentialsSecret=s3,\
+         trainer.terminationGracePeriodSeconds=60,monitoring.annotations.enabled=true",
+        s.s3_endpoint
     );
+    let out = taper_e2e::helm::command()
+        .arg("--kubeconfig")
+        .arg(&s.admin)
+        .args(["install", "taper"])
+        .arg(taper_e2e::helm::chart())
+        .args(["--namespace", "taper-system", "--create-namespace"])
+        .args(["--set", &values])
+        .output()
+        .expect("helm runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "helm install: {text}");
+    // NOTES.txt tells a person what to apply next.
+    assert!(text.contains("STATUS: deployed"), "{text}");
+    assert!(text.contains("kubectl apply"), "NOTES.txt: {text}");
+    let env: std::collections::BTreeMap<String, String> = chart_env(s).into_iter().collect();
+    assert_eq!(
+        env.get("TAPER_LEADER_ELECTION").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        env.get("TAPER_S3_ENDPOINT").map(String::as_str),
+        Some(s.s3_endpoint.as_str())
+    );
+    let release = get(
+        &s.admin,
+        &[
+            "get",
+            "serviceaccount,role,rolebinding,service",
+            "-n",
+            "taper-system",
+            "-o",
+            "json",
+        ],
+    )
+    .expect("the release's objects");
+    let kinds: Vec<&str> = release["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["kind"].as_str())
+        .collect();
+    for kind in ["ServiceAccount", "Role", "RoleBinding", "Service"] {
+        assert!(
+            kinds.contains(&kind),
+            "helm install created a {kind}: {kinds:?}"
+        );
+    }
 }
 
 pub(crate) fn operator_checks(s: &Setup) {
-    install_rbac(s);
+    install_chart(s);
     let corpus = s.work.join("words.txt");
     let mut text = String::new();
     for i in 0..300 {
@@ -270,6 +333,10 @@ pub(crate) fn operator_checks(s: &Setup) {
     assert_eq!(rules[0]["action"], "FailJob");
     assert_eq!(rules[0]["onExitCodes"]["values"], json!([2, 3, 4]));
     assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "PretrainJob");
+    // monitoring.annotations.enabled: the chart told the operator to annotate its pods.
+    let annotations = &job["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true", "{annotations}");
+    assert_eq!(annotations["prometheus.io/port"], "9090", "{annotations}");
     let events = ml_events(&s.admin, "involvedObject.name=gpt");
     assert_event_reasons(&events, &["Created", "CheckpointSaved", "Succeeded"]);
     // Kubernetes folds repeats of an Event (same reason, same object) into one series with
