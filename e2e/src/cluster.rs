@@ -252,6 +252,11 @@ impl ControlPlane {
         .arg("--secure-port=0")
         .arg("--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller")
         .arg("--v=1");
+        // Benchmarks may tune it as a production cluster would (e.g. `--kube-api-qps=200`:
+        // the default of 20 requests/s bounds how fast its Job controller creates pods).
+        if let Ok(extra) = std::env::var("TAPER_E2E_KCM_ARGS") {
+            kcm.args(extra.split_whitespace());
+        }
         plane.procs.push(Proc::spawn(
             "kube-controller-manager",
             kcm,

@@ -273,7 +273,7 @@ fn default_values_render_the_operator_deployment() {
         ("TAPER_LEASE_NAME", "taper-operator".into()),
         ("TAPER_METRICS_ADDR", "0.0.0.0:8080".into()),
         ("TAPER_HEALTH_ADDR", "0.0.0.0:8081".into()),
-        ("TAPER_RECONCILE_CONCURRENCY", "8".into()),
+        ("TAPER_RECONCILE_CONCURRENCY", "16".into()),
         ("TAPER_TRAINER_GRACE_SECONDS", "300".into()),
         ("TAPER_TRAINER_SCRAPE_ANNOTATIONS", "false".into()),
         ("RUST_LOG", "info".into()),

@@ -69,7 +69,7 @@ pub struct Config {
     #[arg(long, env = "TAPER_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
     pub health_addr: SocketAddr,
     /// Resources reconciled at once, per kind.
-    #[arg(long, env = "TAPER_RECONCILE_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "TAPER_RECONCILE_CONCURRENCY", default_value_t = 16)]
     pub reconcile_concurrency: u16,
     /// `terminationGracePeriodSeconds` of trainer pods: long enough to save a checkpoint.
     #[arg(long, env = "TAPER_TRAINER_GRACE_SECONDS", default_value_t = 300)]

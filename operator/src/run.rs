@@ -86,9 +86,13 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         metrics: metrics.clone(),
         cfg: cfg.clone(),
         announced: Default::default(),
+        applied: Default::default(),
+        datasets: Default::default(),
     });
     let namespaces = cfg.namespaces();
-    let controller_config = ControllerConfig::default().concurrency(cfg.reconcile_concurrency);
+    let controller_config = ControllerConfig::default()
+        .concurrency(cfg.reconcile_concurrency)
+        .debounce(crate::controller::DEBOUNCE);
     let mut tasks = Vec::new();
     let mut dataset_stores = Vec::new();
     let mut pretrain_stores = Vec::new();
@@ -180,6 +184,8 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         );
     }
 
+    // Before any reconcile runs (they start with `join_all` below).
+    let _ = ctx.datasets.set(dataset_stores.clone());
     let gauge = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(15)).await;

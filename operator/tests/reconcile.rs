@@ -160,6 +160,8 @@ impl Mock {
             cfg,
             metrics: Metrics::new().expect("metrics"),
             announced: Default::default(),
+            applied: Default::default(),
+            datasets: Default::default(),
         });
         Self {
             world,
@@ -701,4 +703,76 @@ async fn permanent_exit_codes_fail_the_job_with_their_reason() {
             "exit {code}: {seen:#?}"
         );
     }
+}
+
+/// The applies of a reconcile: the kinds server-side applied, status left out.
+fn applies(seen: &[Request_]) -> Vec<String> {
+    seen.iter()
+        .filter(|(m, p, _)| *m == Method::PATCH && !p.contains("/status"))
+        .map(|(_, _, b)| b["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reconcile_with_nothing_new_applies_nothing_and_a_changed_spec_applies_again() {
+    let mock = running_pretrain_job(false).await;
+    // The Job's status changed (its pod runs): a reconcile reads, writes the status, and
+    // sends none of the five applies, which would change nothing.
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(applies(&seen), Vec::<String>::new(), "{seen:#?}");
+    assert_eq!(status_patch(&seen)["phase"], "Running");
+    let again = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(applies(&again), Vec::<String>::new(), "{again:#?}");
+    // The person suspends it: a new plan, applied in full.
+    mock.world.lock().expect("lock").resource["spec"]["suspend"] = json!(true);
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(
+        applies(&seen),
+        ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"],
+        "{seen:#?}"
+    );
+    assert_eq!(mock.job()["spec"]["suspend"], true);
+    // Someone else edits the Job (a new generation): applied again, back to the plan.
+    if let Some(job) = mock.world.lock().expect("lock").job.as_mut() {
+        job["metadata"]["generation"] = json!(7);
+        job["spec"]["suspend"] = json!(false);
+    }
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert!(applies(&seen).contains(&"Job".to_string()), "{seen:#?}");
+    assert_eq!(mock.job()["spec"]["suspend"], true);
+}
+
+#[tokio::test]
+async fn a_ready_dataset_in_the_cache_is_not_read_again_and_one_that_is_not_is() {
+    use kube::runtime::{reflector, watcher};
+    let reads = |seen: &[Request_]| {
+        seen.iter()
+            .filter(|(m, p, _)| *m == Method::GET && p.contains("/datasets/"))
+            .count()
+    };
+    // Not in any cache: read from the API server.
+    let mock = Mock::new(World {
+        dataset: Some(ready_dataset()),
+        resource: pretrain_job(false),
+        ..World::default()
+    });
+    let (store, mut writer) = reflector::store::<Dataset>();
+    let _ = mock.ctx.datasets.set(vec![store]);
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(reads(&seen), 1, "{seen:#?}");
+    // Cached but not Ready (the cache may lag behind the event): read again.
+    let pending: Dataset = serde_json::from_value(dataset()).expect("dataset");
+    writer.apply_watcher_event(&watcher::Event::Apply(pending));
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(reads(&seen), 1, "{seen:#?}");
+    // Cached and Ready: no request, and the plan still resolves the Dataset's manifest.
+    let ready: Dataset = serde_json::from_value(ready_dataset()).expect("dataset");
+    writer.apply_watcher_event(&watcher::Event::Apply(ready));
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(reads(&seen), 0, "{seen:#?}");
+    assert_eq!(mock.status()["phase"], "Pending", "{}", mock.status());
+    assert_eq!(
+        condition(&mock.status(), "InputsReady").expect("InputsReady")["status"],
+        "True"
+    );
 }

@@ -9,7 +9,7 @@ peak RSS < 64 MiB. It is a benchmark, not a test: it prints a table and exits 0 
 run completed, whether or not the goals were met.
 
     cargo build --release -p taper-operator && cargo build -p taper-e2e
-    python3 scripts/bench/operator_scale.py [--jobs 1000] [--concurrency 8]
+    python3 scripts/bench/operator_scale.py [--jobs 1000] [--concurrency 16] [--kcm-args '...']
         [--operator target/release/taper-operator] [--e2e-bin target/debug/taper-e2e]
 
 How it measures. Kubernetes timestamps have a 1-second resolution, too coarse for these
@@ -410,12 +410,15 @@ def make_dataset_ready(kubectl, timeout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=1000, help="PretrainJobs to create (1000)")
-    ap.add_argument("--concurrency", type=int, default=8, help="TAPER_RECONCILE_CONCURRENCY (8)")
+    ap.add_argument("--concurrency", type=int, default=16, help="TAPER_RECONCILE_CONCURRENCY (16, the default)")
     ap.add_argument("--operator", type=Path, help="taper-operator binary (default: release, else debug)")
     ap.add_argument("--e2e-bin", type=Path, default=ROOT / "target/debug/taper-e2e",
                     help="taper-e2e binary, with `up --no-runner` (target/debug/taper-e2e)")
     ap.add_argument("--timeout", type=float, default=300,
                     help="seconds to wait for every Job and pod after the create (300)")
+    ap.add_argument("--kcm-args", default="",
+                    help="extra kube-controller-manager flags, e.g. '--kube-api-qps=200 --kube-api-burst=400' "
+                         "(its default client limit of 20 requests/s bounds how fast the Job controller creates pods)")
     ap.add_argument("--dir", type=Path, help="cluster folder, kept (default: a temporary one, removed)")
     args = ap.parse_args()
     started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -452,6 +455,7 @@ def main():
         up = subprocess.Popen(
             [str(args.e2e_bin), "up", "--no-runner", "--dir", str(cdir / "cluster")],
             stdout=up_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, TAPER_E2E_KCM_ARGS=args.kcm_args),
         )
 
         def up_ready():
@@ -645,7 +649,8 @@ def report(args, r, command, started_at, operator, profile, notes, cdir):
     print(f"# operator: {operator} (profile: {profile}), reconcile concurrency "
           f"{args.concurrency}, RUST_LOG=warn")
     print(f"# cluster:  taper-e2e up --no-runner (etcd, kube-apiserver, "
-          f"kube-controller-manager; pods unbound), {os.cpu_count()} CPUs")
+          f"kube-controller-manager; pods unbound), {os.cpu_count()} CPUs; "
+          f"kube-controller-manager flags: {args.kcm_args or 'defaults (client limit 20 requests/s)'}")
     print("# latency: from the PretrainJob's ADDED watch event to its Job's / pod's, "
           "timed on the client")
     for note in notes:

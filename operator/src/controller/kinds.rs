@@ -1,14 +1,14 @@
 //! The three kinds' parts of the pipeline: what each references, how it resolves, and
 //! its phase names.
 
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use taper_crds::{
     Dataset, FinetuneJob, PretrainJob,
     conditions::{Condition, ConditionReason},
     job::ReclaimPolicy,
 };
 
-use super::TaperKind;
+use super::{Ctx, TaperKind};
 use crate::{
     build::Plan,
     config::Config,
@@ -33,12 +33,16 @@ fn phase_name<T: serde::Serialize>(phase: &T) -> String {
         .unwrap_or_default()
 }
 
-async fn dataset(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<Dataset>, kube::Error> {
-    Api::<Dataset>::namespaced(client.clone(), namespace)
+/// The Dataset `namespace/name`: from the Dataset controller's cache when it is Ready
+/// there (a published Dataset stays so: most reads, none a request), else from the API
+/// server (the cache may lag behind the watch event that woke this reconcile).
+async fn dataset(ctx: &Ctx, namespace: &str, name: &str) -> Result<Option<Dataset>, kube::Error> {
+    if let Some(ds) = ctx.cached_dataset(namespace, name)
+        && ds.current().0 == Dataset::phase(State::Succeeded)
+    {
+        return Ok(Some(ds));
+    }
+    Api::<Dataset>::namespaced(ctx.client.clone(), namespace)
         .get_opt(name)
         .await
 }
@@ -50,7 +54,7 @@ impl TaperKind for Dataset {
     const RUNNING: ConditionReason = ConditionReason::Preparing;
     const DONE: ConditionReason = ConditionReason::Published;
 
-    async fn dereference(&self, _client: &Client) -> Result<Inputs, kube::Error> {
+    async fn dereference(&self, _ctx: &Ctx) -> Result<Inputs, kube::Error> {
         Ok(Inputs::default())
     }
 
@@ -80,10 +84,10 @@ impl TaperKind for PretrainJob {
     const RUNNING: ConditionReason = ConditionReason::Training;
     const DONE: ConditionReason = ConditionReason::MaxStepsReached;
 
-    async fn dereference(&self, client: &Client) -> Result<Inputs, kube::Error> {
+    async fn dereference(&self, ctx: &Ctx) -> Result<Inputs, kube::Error> {
         let ns = self.namespace().unwrap_or_default();
         Ok(Inputs {
-            dataset: dataset(client, &ns, &self.spec.dataset_ref.name).await?,
+            dataset: dataset(ctx, &ns, &self.spec.dataset_ref.name).await?,
             base: None,
         })
     }
@@ -138,18 +142,18 @@ impl TaperKind for FinetuneJob {
     const RUNNING: ConditionReason = ConditionReason::Training;
     const DONE: ConditionReason = ConditionReason::MaxStepsReached;
 
-    async fn dereference(&self, client: &Client) -> Result<Inputs, kube::Error> {
+    async fn dereference(&self, ctx: &Ctx) -> Result<Inputs, kube::Error> {
         let ns = self.namespace().unwrap_or_default();
         let base = match &self.spec.base_model.pretrain_job_ref {
             Some(r) => {
-                Api::<PretrainJob>::namespaced(client.clone(), &ns)
+                Api::<PretrainJob>::namespaced(ctx.client.clone(), &ns)
                     .get_opt(&r.name)
                     .await?
             }
             None => None,
         };
         Ok(Inputs {
-            dataset: dataset(client, &ns, &self.spec.dataset_ref.name).await?,
+            dataset: dataset(ctx, &ns, &self.spec.dataset_ref.name).await?,
             base,
         })
     }

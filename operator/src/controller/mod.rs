@@ -21,10 +21,12 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
 use taper_crds::{
+    Dataset,
     conditions::{Condition, ConditionReason, ConditionStatus, ConditionType, set_condition},
     job::ReclaimPolicy,
     pod,
@@ -50,6 +52,9 @@ use finalizer::{finalize, sync_finalizer};
 /// How often a resource is looked at again without any change (a safety net: Job and
 /// referenced-object changes trigger reconciles through watches).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// Triggers for one resource within this time make one reconcile: a Job's creation and
+/// the status updates that follow at once (its pod created, started) come together.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How soon a resource waiting for an input is looked at again.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -93,6 +98,87 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// What Events have announced, so a repeated reconcile does not announce it again.
     pub announced: Announced,
+    /// What was last applied per Job, so an unchanged plan is not applied again.
+    pub applied: Applied,
+    /// The Dataset controllers' caches (set once they exist; unset in tests).
+    pub datasets: std::sync::OnceLock<Vec<Store<Dataset>>>,
+}
+
+impl Ctx {
+    /// The Dataset `namespace/name` as the Dataset controllers' caches have it.
+    pub fn cached_dataset(&self, namespace: &str, name: &str) -> Option<Dataset> {
+        let key = ObjectRef::new(name).within(namespace);
+        self.datasets
+            .get()?
+            .iter()
+            .find_map(|store| store.get(&key))
+            .map(|ds| (*ds).clone())
+    }
+}
+
+/// The digest of the objects last applied for each Job (keyed by the Job's uid and
+/// generation, so a Job changed by anyone else is applied again) and when. A reconcile
+/// whose plan has the same digest skips the five applies, which are most of an operator's
+/// requests once a job runs (every Job status change wakes it); after [`RESYNC`] it
+/// applies anyway, restoring a child someone deleted.
+#[derive(Debug, Default)]
+pub struct Applied(
+    std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+);
+
+impl Applied {
+    fn key(job: &Job) -> String {
+        format!(
+            "{}/{}",
+            job.metadata.uid.as_deref().unwrap_or_default(),
+            job.metadata.generation.unwrap_or_default()
+        )
+    }
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, std::time::Instant)>>
+    {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `digest` was applied to this very Job less than [`RESYNC`] ago.
+    pub fn fresh(&self, job: &Job, digest: &str) -> bool {
+        self.map()
+            .get(&Self::key(job))
+            .is_some_and(|(d, at)| d == digest && at.elapsed() < RESYNC)
+    }
+
+    /// Remember that `digest` was applied and gave `job`; entries older than [`RESYNC`]
+    /// are dropped on the way, so finished Jobs do not accumulate.
+    pub fn record(&self, job: &Job, digest: String) {
+        let mut map = self.map();
+        map.retain(|_, (_, at)| at.elapsed() < RESYNC);
+        map.insert(Self::key(job), (digest, std::time::Instant::now()));
+    }
+
+    /// Jobs remembered.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+}
+
+/// SHA-256 of the objects' JSON.
+fn digest(objects: &[serde_json::Value]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for o in objects {
+        h.update(o.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
 }
 
 impl Debug for Ctx {
@@ -151,10 +237,7 @@ pub trait TaperKind:
     const DONE: ConditionReason;
 
     /// Read the referenced objects.
-    fn dereference(
-        &self,
-        client: &Client,
-    ) -> impl Future<Output = Result<Inputs, kube::Error>> + Send;
+    fn dereference(&self, ctx: &Ctx) -> impl Future<Output = Result<Inputs, kube::Error>> + Send;
     /// Validate and resolve (pure).
     fn plan(&self, inputs: &Inputs, cfg: &Config) -> Readiness;
     /// The phase name of `state`.
@@ -220,39 +303,46 @@ where
 }
 
 /// Apply every object of `plan`; returns the Job as the API server has it, and whether
-/// this apply created it.
-async fn apply_plan(ctx: &Ctx, owner: &Owner, plan: &Plan) -> Result<(Job, bool), Error> {
+/// this apply created it. When the same objects were applied to this Job recently
+/// ([`Applied`]), nothing is sent and the Job as read is returned.
+async fn apply_plan(
+    ctx: &Ctx,
+    owner: &Owner,
+    plan: &Plan,
+    current: Option<Job>,
+) -> Result<(Job, bool), Error> {
     let ns = &owner.namespace;
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-    let current = jobs.get_opt(&owner.child_name(plan.command)).await?;
-    let exists = current.is_some();
-    let current_suspend = current.map(|j| j.spec.and_then(|s| s.suspend).unwrap_or(false));
-    apply::<ServiceAccount>(
-        &ctx.client,
-        ns,
-        &build::rbac::service_account(owner, plan.command),
-    )
-    .await?;
-    apply::<Role>(&ctx.client, ns, &build::rbac::role(owner, plan.command)).await?;
-    apply::<RoleBinding>(
-        &ctx.client,
-        ns,
-        &build::rbac::role_binding(owner, plan.command),
-    )
-    .await?;
-    apply::<ConfigMap>(
-        &ctx.client,
-        ns,
-        &build::config_map::config_map(owner, plan)?,
-    )
-    .await?;
-    let job = apply::<Job>(
-        &ctx.client,
-        ns,
-        &build::job::job(owner, plan, &ctx.cfg, current_suspend),
-    )
-    .await?;
-    Ok((job, !exists))
+    let current_suspend = current
+        .as_ref()
+        .map(|j| j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false));
+    let service_account = build::rbac::service_account(owner, plan.command);
+    let role = build::rbac::role(owner, plan.command);
+    let role_binding = build::rbac::role_binding(owner, plan.command);
+    let config_map = build::config_map::config_map(owner, plan)?;
+    let job = build::job::job(owner, plan, &ctx.cfg, current_suspend);
+    let digest = digest(&[
+        serde_json::to_value(&service_account)?,
+        serde_json::to_value(&role)?,
+        serde_json::to_value(&role_binding)?,
+        serde_json::to_value(&config_map)?,
+        serde_json::to_value(&job)?,
+    ]);
+    if let Some(current) = current.as_ref()
+        && ctx.applied.fresh(current, &digest)
+    {
+        return Ok((current.clone(), false));
+    }
+    // The pod's ServiceAccount, RBAC and job file at once, all before the Job: its pod is
+    // refused without the ServiceAccount, and cannot start without the ConfigMap.
+    futures::try_join!(
+        apply::<ServiceAccount>(&ctx.client, ns, &service_account),
+        apply::<Role>(&ctx.client, ns, &role),
+        apply::<RoleBinding>(&ctx.client, ns, &role_binding),
+        apply::<ConfigMap>(&ctx.client, ns, &config_map),
+    )?;
+    let applied = apply::<Job>(&ctx.client, ns, &job).await?;
+    ctx.applied.record(&applied, digest);
+    Ok((applied, current.is_none()))
 }
 
 /// What the operator reads from a Job's pods.
@@ -421,7 +511,11 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
     }
     let generation = obj.meta().generation;
     let (phase, current) = obj.current();
-    let inputs = obj.dereference(&ctx.client).await?;
+    // The references and the Job, read at once.
+    let owner = owner(obj);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let job_name = owner.child_name(K::COMMAND);
+    let (inputs, current_job) = futures::try_join!(obj.dereference(ctx), jobs.get_opt(&job_name))?;
     let inputs_condition = |status, reason, message: &str| {
         Condition::new(ConditionType::InputsReady, status, reason, message)
     };
@@ -488,8 +582,12 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
             return Ok(Action::await_change());
         }
     };
-    let owner = owner(obj);
-    let (job, created) = apply_plan(ctx, &owner, &plan).await?;
+    let current_job = if plan.command == K::COMMAND {
+        current_job
+    } else {
+        jobs.get_opt(&owner.child_name(plan.command)).await?
+    };
+    let (job, created) = apply_plan(ctx, &owner, &plan, current_job).await?;
     if created {
         event(
             ctx,
@@ -506,7 +604,16 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
-    let pods = pods_of(ctx, &owner, &job_name).await?;
+    // Pods matter for a live pod's name and for failed ones (exit codes, disruptions);
+    // a Job without either (just created, suspended, queued) has none worth a request.
+    let has_pods = job_status.as_ref().is_some_and(|s| {
+        s.active.unwrap_or(0) + s.failed.unwrap_or(0) + s.terminating.unwrap_or(0) > 0
+    });
+    let pods = if has_pods {
+        pods_of(ctx, &owner, &job_name).await?
+    } else {
+        Pods::default()
+    };
     let observation = Observation {
         job: job_status,
         job_suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
