@@ -4,7 +4,7 @@
 # Outputs go to e2e/.bin/ (git-ignored, or $TAPER_TOOLS_DIR); each tool is skipped when
 # the pinned version in e2e/versions.env is already built there.
 #
-#   e2e/scripts/build-tools.sh [minio|etcd|kube|helm|prometheus ...]   # default: all of them
+#   e2e/scripts/build-tools.sh [minio|etcd|kube|helm|prometheus|monitoring-crds ...]   # default: all
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../versions.env
@@ -104,8 +104,27 @@ build_prometheus() {
   rm -rf "$dl"
 }
 
+# prometheus-operator's CustomResourceDefinitions for the chart's ServiceMonitor, PodMonitor
+# and PrometheusRule, as prometheus-operator publishes them (example/prometheus-operator-crd
+# in its Go module, fetched from the module proxy; nothing is built or run).
+build_monitoring_crds() {
+  local dir=$bin/monitoring-crds
+  if [ "$(cat "$bin/.monitoring-crds.version" 2>/dev/null)" = "$PROMETHEUS_OPERATOR_VERSION" ] && [ -d "$dir" ]; then
+    echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached"; return
+  fi
+  echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: fetching its module"; built_any=1
+  local src
+  src=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$dir" && mkdir -p "$dir"
+  for crd in servicemonitors podmonitors prometheusrules; do
+    install -m 0644 "$src/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" "$dir/"
+  done
+  stamp monitoring-crds "$PROMETHEUS_OPERATOR_VERSION"
+}
+
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(minio etcd kube helm prometheus)
+[ ${#tools[@]} -gt 0 ] || tools=(minio etcd kube helm prometheus monitoring-crds)
 for t in "${tools[@]}"; do
   case "$t" in
     minio) build_minio ;;
@@ -113,6 +132,7 @@ for t in "${tools[@]}"; do
     kube) build_kube ;;
     helm) build_helm ;;
     prometheus) build_prometheus ;;
+    monitoring-crds) build_monitoring_crds ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
 done

@@ -38,6 +38,7 @@ pub(crate) struct Monitoring {
     stop: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<()>>,
     work: PathBuf,
+    admin: PathBuf,
 }
 
 fn now() -> f64 {
@@ -47,18 +48,18 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-/// The chart rendered with every monitoring part on and a 1 s scrape interval.
+/// The suite's monitoring values: every part on, a 1 s scrape interval. The operator's
+/// scenarios `helm install` the chart with them (and their own storage values), so what
+/// Prometheus runs with here is what the release holds; [`Monitoring::check`] compares.
+pub(crate) const VALUES: &str = "monitoring.scrapeConfig.enabled=true,monitoring.scrapeConfig.interval=1s,\
+     monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true,\
+     monitoring.serviceMonitor.enabled=true,monitoring.podMonitor.enabled=true,\
+     monitoring.annotations.enabled=true";
+
+/// The chart rendered with [`VALUES`].
 fn render() -> Vec<Value> {
-    taper_e2e::helm::template(
-        "taper",
-        "taper-system",
-        &[
-            "--set",
-            "monitoring.scrapeConfig.enabled=true,monitoring.scrapeConfig.interval=1s,\
-             monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    taper_e2e::helm::template("taper", "taper-system", &["--set", VALUES])
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn sanitize(label: &str) -> String {
@@ -192,11 +193,11 @@ pub(crate) fn start(admin: &Path, work: &Path) -> Monitoring {
     let prometheus = Prometheus::start_with(Value::Array(jobs))
         .expect("prometheus starts with the chart's config");
     let stop = Arc::new(AtomicBool::new(false));
-    let (flag, dir, admin) = (stop.clone(), work.to_path_buf(), admin.to_path_buf());
+    let (flag, dir, admin_kc) = (stop.clone(), work.to_path_buf(), admin.to_path_buf());
     let watcher = std::thread::spawn(move || {
         let mut last: BTreeMap<PathBuf, String> = BTreeMap::new();
         while !flag.load(Ordering::Relaxed) {
-            let out = kubectl(&admin, &["get", "pods", "-A", "-o", "json"], None);
+            let out = kubectl(&admin_kc, &["get", "pods", "-A", "-o", "json"], None);
             let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             let mut pods: Vec<Value> = listed["items"].as_array().cloned().unwrap_or_default();
             for (name, addr) in operator_targets(&dir) {
@@ -237,6 +238,7 @@ pub(crate) fn start(admin: &Path, work: &Path) -> Monitoring {
         stop,
         watcher: Some(watcher),
         work: work.to_path_buf(),
+        admin: admin.to_path_buf(),
     }
 }
 
@@ -403,7 +405,66 @@ impl Monitoring {
             assert!(!names.contains(&quiet), "{quiet} on a healthy run");
         }
         self.preview(end);
+        self.installed_is_rendered();
         drop(self.prometheus);
+    }
+
+    /// The release `helm install` created holds the rules and dashboards proven above,
+    /// and monitors the API server accepted against prometheus-operator's own CRDs.
+    fn installed_is_rendered(&self) {
+        let get = |kind: &str| -> Vec<Value> {
+            let out = kubectl(
+                &self.admin,
+                &["get", kind, "-n", "taper-system", "-o", "json"],
+                None,
+            );
+            assert!(
+                out.status.success(),
+                "kubectl get {kind}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let list: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
+            list["items"].as_array().cloned().unwrap_or_default()
+        };
+        let rendered = |kind: &str| -> Vec<&Value> {
+            self.rendered.iter().filter(|o| o["kind"] == kind).collect()
+        };
+        for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+            let installed = get(&kind.to_lowercase());
+            let want = rendered(kind);
+            assert_eq!(installed.len(), want.len(), "{kind}: {installed:?}");
+            for w in want {
+                let name = &w["metadata"]["name"];
+                let got = installed
+                    .iter()
+                    .find(|o| &o["metadata"]["name"] == name)
+                    .unwrap_or_else(|| panic!("{kind} {name} installed"));
+                assert_eq!(
+                    got["spec"], w["spec"],
+                    "{kind} {name}: installed = rendered"
+                );
+            }
+        }
+        let config_maps = get("configmaps");
+        let mut compared = 0;
+        for w in rendered("ConfigMap") {
+            let name = &w["metadata"]["name"];
+            let got = config_maps
+                .iter()
+                .find(|o| &o["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("ConfigMap {name} installed"));
+            assert_eq!(
+                got["data"], w["data"],
+                "ConfigMap {name}: installed = rendered"
+            );
+            compared += 1;
+        }
+        // Two dashboards and the scrape configuration.
+        assert_eq!(compared, 3, "{:?}", rendered("ConfigMap"));
+        println!(
+            "  helm install holds the ServiceMonitor, PodMonitor, PrometheusRule, dashboards and \
+             scrape configuration proven here"
+        );
     }
 
     /// `taper dashboards render` draws every panel from this Prometheus: each panel that

@@ -139,13 +139,43 @@ fn chart_env(s: &Setup) -> Vec<(String, String)> {
 
 /// `helm install` of the chart into the suite's API server, with the values a platform
 /// team would give for this cluster: two replicas (so leader election), the MinIO as
-/// default output, the S3 Secret's name, scrape annotations on trainer pods.
+/// default output, the S3 Secret's name, and monitoring on ([`crate::monitoring::VALUES`]:
+/// monitors, rules, dashboards, scrape configuration and annotations). The monitors need
+/// prometheus-operator's CRDs, applied first as a cluster with kube-prometheus-stack has
+/// them (`e2e/scripts/build-tools.sh monitoring-crds`).
 fn install_chart(s: &Setup) {
+    let crds = taper_e2e::minio::tools_dir().join("monitoring-crds");
+    assert!(
+        crds.is_dir(),
+        "{} is missing: run e2e/scripts/build-tools.sh monitoring-crds",
+        crds.display()
+    );
+    let crds = crds.display().to_string();
+    ok(
+        &kubectl(&s.admin, &["apply", "--server-side", "-f", &crds], None),
+        "prometheus-operator's CRDs",
+    );
+    ok(
+        &kubectl(
+            &s.admin,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/servicemonitors.monitoring.coreos.com",
+                "crd/podmonitors.monitoring.coreos.com",
+                "crd/prometheusrules.monitoring.coreos.com",
+            ],
+            None,
+        ),
+        "the monitoring CRDs are served",
+    );
     let values = format!(
         "replicas=2,storage.defaultOutputUri=s3://taper,storage.endpoint={},\
          storage.region=us-east-1,storage.credentialsSecret=s3,\
-         trainer.terminationGracePeriodSeconds=60,monitoring.annotations.enabled=true",
-        s.s3_endpoint
+         trainer.terminationGracePeriodSeconds=60,{}",
+        s.s3_endpoint,
+        crate::monitoring::VALUES
     );
     let out = taper_e2e::helm::command()
         .arg("--kubeconfig")
