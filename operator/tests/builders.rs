@@ -65,6 +65,17 @@ fn ready(r: Readiness) -> Plan {
 }
 
 /// Compare `objects` rendered as YAML with the golden file `name`.
+/// The PretrainJob of these tests with its Dataset Ready, and its plan.
+fn ready_pretrain() -> (PretrainJob, Plan) {
+    let pj = pretrain_job();
+    let inputs = Inputs {
+        dataset: Some(dataset(true)),
+        base: None,
+    };
+    let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    (pj, plan)
+}
+
 fn golden(name: &str, objects: &[serde_json::Value]) {
     let text: String = objects
         .iter()
@@ -103,12 +114,7 @@ fn built(owner: &Owner, plan: &Plan, current: Option<bool>) -> (Job, Vec<serde_j
 
 #[test]
 fn a_pretrain_job_builds_its_config_map_rbac_and_job() {
-    let pj = pretrain_job();
-    let inputs = Inputs {
-        dataset: Some(dataset(true)),
-        base: None,
-    };
-    let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    let (pj, plan) = ready_pretrain();
     let owner = controller::owner(&pj);
     let (job, objects) = built(&owner, &plan, None);
     golden("pretrain.yaml", &objects);
@@ -191,12 +197,7 @@ fn the_pod_failure_policy_is_the_exit_code_contract() {
 
 #[test]
 fn trainer_pods_meet_the_restricted_pod_security_standard() {
-    let pj = pretrain_job();
-    let inputs = Inputs {
-        dataset: Some(dataset(true)),
-        base: None,
-    };
-    let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    let (pj, plan) = ready_pretrain();
     let (job, _) = built(&controller::owner(&pj), &plan, Some(false));
     let pod = job.spec.expect("spec").template.spec.expect("pod");
     let psc = pod.security_context.expect("pod security context");
@@ -229,12 +230,7 @@ fn trainer_pods_meet_the_restricted_pod_security_standard() {
 
 #[test]
 fn trainer_pods_carry_scrape_annotations_only_when_configured() {
-    let pj = pretrain_job();
-    let inputs = Inputs {
-        dataset: Some(dataset(true)),
-        base: None,
-    };
-    let plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    let (pj, plan) = ready_pretrain();
     let owner = controller::owner(&pj);
     let annotations = |c: &Config| {
         build::job::job(&owner, &plan, c, Some(false))
@@ -261,12 +257,7 @@ fn trainer_pods_carry_scrape_annotations_only_when_configured() {
 
 #[test]
 fn a_queued_job_keeps_the_suspend_kueue_gave_it_and_a_suspended_one_stays_suspended() {
-    let pj = pretrain_job();
-    let inputs = Inputs {
-        dataset: Some(dataset(true)),
-        base: None,
-    };
-    let mut plan = ready(plan::plan_pretrain(&pj, &inputs, &cfg()));
+    let (pj, mut plan) = ready_pretrain();
     let owner = controller::owner(&pj);
     let suspend = |plan: &Plan, current| {
         build::job::job(&owner, plan, &cfg(), current)

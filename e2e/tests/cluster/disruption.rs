@@ -16,34 +16,26 @@ use taper_e2e::runner::{
     PREEMPTION_BY_SCHEDULER, TERMINATION_BY_KUBELET,
 };
 
-use crate::support::{eventually_or, kubectl, ml_events, ok};
+use crate::support::{eventually_or, kubectl, kubectl_json, ml_events, ok};
 
 const NAME: &str = "disrupted";
 const JOB: &str = "disrupted-pretrain";
 const MAX_STEPS: u64 = 48;
 
-fn get(kubeconfig: &Path, args: &[&str]) -> Option<Value> {
-    let out = kubectl(kubeconfig, args, None);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
 fn pretrain_job(admin: &Path) -> Option<Value> {
-    get(
+    kubectl_json(
         admin,
         &["get", "pretrainjob", "-n", "ml", NAME, "-o", "json"],
     )
 }
 
 fn job(admin: &Path) -> Option<Value> {
-    get(admin, &["get", "job", "-n", "ml", JOB, "-o", "json"])
+    kubectl_json(admin, &["get", "job", "-n", "ml", JOB, "-o", "json"])
 }
 
 /// The Job's pods.
 fn pods(admin: &Path) -> Vec<Value> {
-    get(
+    kubectl_json(
         admin,
         &[
             "get",

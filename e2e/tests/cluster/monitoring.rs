@@ -28,7 +28,7 @@ use std::{
 use serde_json::{Value, json};
 use taper_e2e::prometheus::Prometheus;
 
-use crate::support::kubectl;
+use crate::support::{kubectl, kubectl_json};
 
 /// Prometheus, started before the operator's checks.
 pub(crate) struct Monitoring {
@@ -413,17 +413,11 @@ impl Monitoring {
     /// and monitors the API server accepted against prometheus-operator's own CRDs.
     fn installed_is_rendered(&self) {
         let get = |kind: &str| -> Vec<Value> {
-            let out = kubectl(
+            let list = kubectl_json(
                 &self.admin,
                 &["get", kind, "-n", "taper-system", "-o", "json"],
-                None,
-            );
-            assert!(
-                out.status.success(),
-                "kubectl get {kind}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let list: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
+            )
+            .unwrap_or_else(|| panic!("kubectl get {kind} -n taper-system"));
             list["items"].as_array().cloned().unwrap_or_default()
         };
         let rendered = |kind: &str| -> Vec<&Value> {

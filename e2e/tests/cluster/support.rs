@@ -24,6 +24,16 @@ pub(crate) fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> 
     child.wait_with_output().expect("kubectl runs")
 }
 
+/// The JSON that `kubectl ARGS` prints (with `-o json` among them), or `None` when it
+/// fails or prints something else.
+pub(crate) fn kubectl_json(kubeconfig: &Path, args: &[&str]) -> Option<serde_json::Value> {
+    let out = kubectl(kubeconfig, args, None);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
 pub(crate) fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
