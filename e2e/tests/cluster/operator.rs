@@ -1,21 +1,17 @@
-//! The operator end to end: the chart installed with `helm install`, the operator started
-//! as a host process with the installed Deployment's environment and authenticated as the
-//! chart's ServiceAccount with the chart's RBAC (never as admin): a Dataset and a PretrainJob run to
-//! `Ready`/`Succeeded` through the Job controller and the pod runner, with shards and
+//! The operator end to end, installed as [`crate::install`] does it (`helm install`, the
+//! operator with the release's environment and ServiceAccount, never as admin): a Dataset
+//! and a PretrainJob run to `Ready`/`Succeeded` through the Job controller and the pod runner, with shards and
 //! checkpoints in MinIO and the live figures in status; a missing reference and a
 //! permanently failing Dataset end with conditions that name the cause; a restarted
 //! operator creates nothing twice.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use taper_e2e::process::Proc;
 
 use crate::support::{
-    assert_event_reasons, eventually_or, kubectl, ml_events, ok, wait_for_default_service_account,
+    assert_event_reasons, eventually_or, kubectl, kubectl_json, ml_events, ok,
+    wait_for_default_service_account,
 };
 
 /// Where the operator runs and what it talks to.
@@ -50,16 +46,8 @@ fn pod_logs(dir: &Path) -> String {
     out
 }
 
-fn get(kubeconfig: &Path, args: &[&str]) -> Option<Value> {
-    let out = kubectl(kubeconfig, args, None);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
 fn resource(kc: &Path, kind: &str, name: &str) -> Option<Value> {
-    get(
+    kubectl_json(
         kc,
         &[
             "get",
@@ -81,157 +69,8 @@ fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
-/// The operator as a host process started with the environment of the container in the
-/// Deployment that `helm install` created: only what a process on this host must differ
-/// in is replaced (the pod's name and namespace, which the API server would fill in, and
-/// the listen addresses, so that two replicas can share the host); it authenticates as the
-/// chart's ServiceAccount.
-fn start_operator(s: &Setup, log: &str) -> Proc {
-    let bin = taper_e2e::operator_bin();
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test --workspace builds it",
-        bin.display()
-    );
-    let port = |_| taper_e2e::minio::free_port().expect("port");
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("KUBECONFIG", &s.operator);
-    for (name, value) in chart_env(s) {
-        cmd.env(name, value);
-    }
-    cmd.env("POD_NAMESPACE", "taper-system")
-        .env("POD_NAME", log)
-        .env("TAPER_METRICS_ADDR", format!("127.0.0.1:{}", port(0)))
-        .env("TAPER_HEALTH_ADDR", format!("127.0.0.1:{}", port(1)));
-    Proc::spawn("taper-operator", cmd, &s.work.join(format!("{log}.log"))).expect("operator starts")
-}
-
-/// The literal environment of the operator container of the installed Deployment.
-fn chart_env(s: &Setup) -> Vec<(String, String)> {
-    let deployment = get(
-        &s.admin,
-        &[
-            "get",
-            "deployment",
-            "-n",
-            "taper-system",
-            "taper-operator",
-            "-o",
-            "json",
-        ],
-    )
-    .expect("the chart's Deployment is installed");
-    let containers = &deployment["spec"]["template"]["spec"]["containers"];
-    containers[0]["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            Some((
-                e["name"].as_str()?.to_string(),
-                e["value"].as_str()?.to_string(),
-            ))
-        })
-        .collect()
-}
-
-/// `helm install` of the chart into the suite's API server, with the values a platform
-/// team would give for this cluster: two replicas (so leader election), the MinIO as
-/// default output, the S3 Secret's name, and monitoring on ([`crate::monitoring::VALUES`]:
-/// monitors, rules, dashboards, scrape configuration and annotations). The monitors need
-/// prometheus-operator's CRDs, applied first as a cluster with kube-prometheus-stack has
-/// them (`e2e/scripts/build-tools.sh monitoring-crds`).
-fn install_chart(s: &Setup) {
-    let crds = taper_e2e::minio::tools_dir().join("monitoring-crds");
-    assert!(
-        crds.is_dir(),
-        "{} is missing: run e2e/scripts/build-tools.sh monitoring-crds",
-        crds.display()
-    );
-    let crds = crds.display().to_string();
-    ok(
-        &kubectl(&s.admin, &["apply", "--server-side", "-f", &crds], None),
-        "prometheus-operator's CRDs",
-    );
-    ok(
-        &kubectl(
-            &s.admin,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/servicemonitors.monitoring.coreos.com",
-                "crd/podmonitors.monitoring.coreos.com",
-                "crd/prometheusrules.monitoring.coreos.com",
-            ],
-            None,
-        ),
-        "the monitoring CRDs are served",
-    );
-    let values = format!(
-        "replicas=2,storage.defaultOutputUri=s3://taper,storage.endpoint={},\
-         storage.region=us-east-1,storage.credentialsSecret=s3,\
-         trainer.terminationGracePeriodSeconds=60,{}",
-        s.s3_endpoint,
-        crate::monitoring::VALUES
-    );
-    let out = taper_e2e::helm::command()
-        .arg("--kubeconfig")
-        .arg(&s.admin)
-        .args(["install", "taper"])
-        .arg(taper_e2e::helm::chart())
-        .args(["--namespace", "taper-system", "--create-namespace"])
-        .args(["--set", &values])
-        .output()
-        .expect("helm runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "helm install: {text}");
-    // NOTES.txt tells a person what to apply next.
-    assert!(text.contains("STATUS: deployed"), "{text}");
-    assert!(text.contains("kubectl apply"), "NOTES.txt: {text}");
-    let env: std::collections::BTreeMap<String, String> = chart_env(s).into_iter().collect();
-    assert_eq!(
-        env.get("TAPER_LEADER_ELECTION").map(String::as_str),
-        Some("true")
-    );
-    assert_eq!(
-        env.get("TAPER_S3_ENDPOINT").map(String::as_str),
-        Some(s.s3_endpoint.as_str())
-    );
-    let release = get(
-        &s.admin,
-        &[
-            "get",
-            "serviceaccount,role,rolebinding,service",
-            "-n",
-            "taper-system",
-            "-o",
-            "json",
-        ],
-    )
-    .expect("the release's objects");
-    let kinds: Vec<&str> = release["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o["kind"].as_str())
-        .collect();
-    for kind in ["ServiceAccount", "Role", "RoleBinding", "Service"] {
-        assert!(
-            kinds.contains(&kind),
-            "helm install created a {kind}: {kinds:?}"
-        );
-    }
-}
-
 pub(crate) fn operator_checks(s: &Setup) {
-    install_chart(s);
+    crate::install::install_chart(s);
     let corpus = s.work.join("words.txt");
     let mut text = String::new();
     for i in 0..300 {
@@ -252,7 +91,7 @@ pub(crate) fn operator_checks(s: &Setup) {
         "namespace ml and its S3 Secret",
     );
     wait_for_default_service_account(&s.admin, "ml");
-    let mut operator = start_operator(s, "operator-a");
+    let mut operator = crate::install::start_operator(s, "operator-a");
     let log = s.work.join("operator-a.log");
     let context = |what: &'static str| {
         let admin = s.admin.clone();
@@ -351,7 +190,7 @@ pub(crate) fn operator_checks(s: &Setup) {
         condition(&pj, "InputsReady").expect("InputsReady")["status"],
         "True"
     );
-    let job = get(
+    let job = kubectl_json(
         &s.admin,
         &["get", "job", "-n", "ml", "gpt-pretrain", "-o", "json"],
     )
@@ -393,7 +232,7 @@ pub(crate) fn operator_checks(s: &Setup) {
     );
     assert_eq!(orphan["status"]["phase"], "Pending");
     assert!(
-        get(
+        kubectl_json(
             &s.admin,
             &["get", "job", "-n", "ml", "orphan-pretrain", "-o", "json"]
         )
@@ -560,7 +399,7 @@ pub(crate) fn operator_checks(s: &Setup) {
         "long's Job is garbage-collected",
         context("long"),
         || {
-            get(
+            kubectl_json(
                 &s.admin,
                 &["get", "job", "-n", "ml", "long-pretrain", "-o", "json"],
             )
@@ -585,7 +424,7 @@ pub(crate) fn operator_checks(s: &Setup) {
             .filter(|p| condition(p, "Ready").is_some_and(|c| c["reason"] == "AwaitingAdmission"))
     });
     assert_eq!(waiting["status"]["phase"], "Pending");
-    let job = get(
+    let job = kubectl_json(
         &s.admin,
         &["get", "job", "-n", "ml", "queued-pretrain", "-o", "json"],
     )
@@ -621,12 +460,12 @@ pub(crate) fn operator_checks(s: &Setup) {
     // Two replicas: the second waits while the first leads, and takes over within 30 s
     // of the leader's death; neither creates anything twice.
     let count = |kind: &str| {
-        get(&s.admin, &["get", kind, "-n", "ml", "-o", "json"])
+        kubectl_json(&s.admin, &["get", kind, "-n", "ml", "-o", "json"])
             .and_then(|l| l["items"].as_array().map(Vec::len))
             .unwrap_or(0)
     };
     eventually_or(90, "long's pods are gone", context("long pods"), || {
-        get(
+        kubectl_json(
             &s.admin,
             &[
                 "get",
@@ -642,7 +481,7 @@ pub(crate) fn operator_checks(s: &Setup) {
         .filter(|l| l["items"].as_array().is_some_and(Vec::is_empty))
     });
     let (jobs, pods) = (count("jobs"), count("pods"));
-    let mut standby = start_operator(s, "operator-b");
+    let mut standby = crate::install::start_operator(s, "operator-b");
     let standby_log = s.work.join("operator-b.log");
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert!(
