@@ -25,6 +25,18 @@ pub fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".bin"))
 }
 
+/// The built tool (or folder) `name` in [`tools_dir`]; panics, naming the script that
+/// builds it, when it is missing.
+pub fn tool(name: &str) -> PathBuf {
+    let path = tools_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run e2e/scripts/build-tools.sh (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

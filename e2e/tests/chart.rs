@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     process::Output,
 };
 
@@ -23,15 +22,7 @@ use serde_json::{Value, json};
 const NAMESPACE: &str = "taper-system";
 const RELEASE: &str = "taper";
 
-fn tool(name: &str) -> PathBuf {
-    let path = taper_e2e::minio::tools_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run e2e/scripts/build-tools.sh (make test does)",
-        path.display()
-    );
-    path
-}
+use taper_e2e::minio::tool;
 
 /// `helm ARGS…` with Helm's cache, configuration and data folders out of the user's home.
 fn helm(args: &[&str]) -> Output {

@@ -5,7 +5,7 @@
 //! job, word for word) and one where it does not. Each alert also has a runbook section in
 //! the chart's README.
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command};
+use std::{collections::BTreeSet, process::Command};
 
 use serde_json::{Value, json};
 use taper_e2e::workspace_root;
@@ -13,15 +13,7 @@ use taper_e2e::workspace_root;
 const NAMESPACE: &str = "taper-system";
 const RUNBOOK: &str = "https://github.com/taper-dev/taper/blob/main/charts/taper/README.md";
 
-fn tool(name: &str) -> PathBuf {
-    let path = taper_e2e::minio::tools_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run e2e/scripts/build-tools.sh (make test does)",
-        path.display()
-    );
-    path
-}
+use taper_e2e::minio::tool;
 
 /// The objects `helm template` renders with `--set` `sets`.
 fn render(sets: &[&str]) -> Vec<Value> {

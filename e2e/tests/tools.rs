@@ -11,15 +11,7 @@ use std::{
 
 use taper_e2e::{minio::Minio, prometheus::Prometheus, workspace_root};
 
-fn tool(name: &str) -> std::path::PathBuf {
-    let path = taper_e2e::minio::tools_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run e2e/scripts/build-tools.sh (make test does)",
-        path.display()
-    );
-    path
-}
+use taper_e2e::minio::tool;
 
 #[test]
 fn helm_lints_and_renders_the_chart() {

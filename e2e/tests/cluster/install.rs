@@ -74,13 +74,9 @@ fn chart_env(s: &Setup) -> Vec<(String, String)> {
 /// prometheus-operator's CRDs, applied first as a cluster with kube-prometheus-stack has
 /// them (`e2e/scripts/build-tools.sh monitoring-crds`).
 pub(crate) fn install_chart(s: &Setup) {
-    let crds = taper_e2e::minio::tools_dir().join("monitoring-crds");
-    assert!(
-        crds.is_dir(),
-        "{} is missing: run e2e/scripts/build-tools.sh monitoring-crds",
-        crds.display()
-    );
-    let crds = crds.display().to_string();
+    let crds = taper_e2e::minio::tool("monitoring-crds")
+        .display()
+        .to_string();
     ok(
         &kubectl(&s.admin, &["apply", "--server-side", "-f", &crds], None),
         "prometheus-operator's CRDs",
