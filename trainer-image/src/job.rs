@@ -18,7 +18,7 @@ use crate::{
     tokenizer::TokenizerError,
     train::{
         checkpoint::CheckpointError,
-        data::{DataError, open_dataset},
+        data::{DataError, DatasetManifest, TokenSplit, open_dataset},
         pretrain::{self, Outcome, PretrainError, PretrainRun},
         trainer::StepError,
     },
@@ -86,7 +86,7 @@ impl JobError {
     }
 }
 
-/// Options of `taper pretrain` beyond the job file.
+/// Options of `taper pretrain` and `taper finetune` beyond the job file.
 #[derive(Debug)]
 pub struct PretrainOptions {
     /// Which PretrainJob, when the file holds several.
@@ -126,16 +126,6 @@ pub fn pretrain(
         Some(&job.spec.dataset_ref.name),
     )
     .ok();
-    let (data_uri, data_access) = match (&opts.data, dataset.and_then(|d| d.spec.output.as_ref())) {
-        (Some(uri), _) => (uri.clone(), None),
-        (None, Some(out)) => (out.uri.clone(), out.access.clone()),
-        (None, None) => {
-            return Err(JobError::Spec(format!(
-                "Dataset {} (spec.datasetRef) is not in the job file with an output URI; pass --data",
-                job.spec.dataset_ref.name
-            )));
-        }
-    };
     let ckpt_uri = opts
         .checkpoints
         .clone()
@@ -143,15 +133,7 @@ pub fn pretrain(
         .ok_or_else(|| {
             JobError::Spec("spec.checkpoints.uri is unset; pass --checkpoints".into())
         })?;
-
-    let data_dir =
-        crate::dataset::local_dataset(rt, &data_uri, data_access.as_ref(), &opts.work_dir)?;
-    let (manifest, train, test) = open_dataset(&data_dir).map_err(|e| match e {
-        DataError::Io { .. } | DataError::Manifest { .. } | DataError::Invalid(_) => {
-            JobError::Data(e.to_string())
-        }
-        other => JobError::Internal(other.to_string()),
-    })?;
+    let (manifest, train, test) = open_data(rt, dataset, &job.spec.dataset_ref.name, &opts)?;
     let model = job.spec.model.resolve();
     if (model.vocab_size as u64) < manifest.vocab_size as u64 {
         return Err(JobError::Spec(format!(
@@ -166,19 +148,12 @@ pub fn pretrain(
         training.precision = taper_crds::training::Precision::F32;
     }
     let store = rt.block_on(store::open(&ckpt_uri, job.spec.checkpoints.access.as_ref()))?;
-    let metrics = Metrics::new("PretrainJob", &opts.namespace, &name)
-        .map_err(|e| JobError::Internal(e.to_string()))?;
-    // Metrics are for watching, not for training: a port that cannot be bound is
-    // reported and the run goes on.
-    if let Some(addr) = opts.metrics_addr {
-        match metrics.serve(addr) {
-            Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
-            Err(e) => tracing::warn!("no metrics: cannot serve them on {addr}: {e}"),
-        }
-    }
+    let metrics = serve_metrics("PretrainJob", &name, &opts)?;
     let eval_interval = training.eval_interval as u64;
     let run = PretrainRun {
         model,
+        init: pretrain::ModelInit::Fresh,
+        export: None,
         training,
         overfitting: job.spec.overfitting.clone(),
         checkpoint_interval: job
@@ -201,8 +176,62 @@ pub fn pretrain(
         stop_after: opts.stop_after,
         events: None,
     };
-    // Live status to the PretrainJob when the pod has API credentials.
-    let Some(target) = crate::status::Target::from_env::<taper_crds::PretrainJob>(rt, &name) else {
+    run_reporting::<taper_crds::PretrainJob>(rt, &name, run)
+}
+
+/// Open the dataset a job trains on: `--data`, else the output of the Dataset `name` of
+/// the job file; fetched to the work folder when remote.
+pub(crate) fn open_data(
+    rt: &tokio::runtime::Runtime,
+    dataset: Option<&taper_crds::Dataset>,
+    name: &str,
+    opts: &PretrainOptions,
+) -> Result<(DatasetManifest, TokenSplit, TokenSplit), JobError> {
+    let (data_uri, data_access) = match (&opts.data, dataset.and_then(|d| d.spec.output.as_ref())) {
+        (Some(uri), _) => (uri.clone(), None),
+        (None, Some(out)) => (out.uri.clone(), out.access.clone()),
+        (None, None) => {
+            return Err(JobError::Spec(format!(
+                "Dataset {name} (spec.datasetRef) is not in the job file with an output URI; pass --data"
+            )));
+        }
+    };
+    let data_dir =
+        crate::dataset::local_dataset(rt, &data_uri, data_access.as_ref(), &opts.work_dir)?;
+    open_dataset(&data_dir).map_err(|e| match e {
+        DataError::Io { .. } | DataError::Manifest { .. } | DataError::Invalid(_) => {
+            JobError::Data(e.to_string())
+        }
+        other => JobError::Internal(other.to_string()),
+    })
+}
+
+/// The job's metrics, served on `--metrics-addr`. Metrics are for watching, not for
+/// training: a port that cannot be bound is reported and the run goes on.
+pub(crate) fn serve_metrics(
+    kind: &str,
+    name: &str,
+    opts: &PretrainOptions,
+) -> Result<Metrics, JobError> {
+    let metrics =
+        Metrics::new(kind, &opts.namespace, name).map_err(|e| JobError::Internal(e.to_string()))?;
+    if let Some(addr) = opts.metrics_addr {
+        match metrics.serve(addr) {
+            Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
+            Err(e) => tracing::warn!("no metrics: cannot serve them on {addr}: {e}"),
+        }
+    }
+    Ok(metrics)
+}
+
+/// Run `run`, reporting live status to the `K` called `name` when the pod has API
+/// credentials.
+pub(crate) fn run_reporting<K: kube::Resource<DynamicType = ()>>(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    run: PretrainRun<'_>,
+) -> Result<Outcome, JobError> {
+    let Some(target) = crate::status::Target::from_env::<K>(rt, name) else {
         return Ok(pretrain::run(rt, run)?);
     };
     let reporter = crate::status::JobReporter::start(rt, target);

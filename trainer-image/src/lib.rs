@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod dashboards;
 pub mod dataset;
 pub mod device;
+pub mod finetune;
 pub mod generate;
 pub mod job;
 pub mod manifests;

@@ -51,7 +51,11 @@ enum Command {
     },
     /// Pretrain a GPT: the program of every PretrainJob pod. Resumes from the newest
     /// complete checkpoint; on SIGTERM finishes the step, checkpoints and exits 75.
-    Pretrain(PretrainArgs),
+    Pretrain(TrainArgs),
+    /// Finetune a model on an instruction Dataset, by LoRA or in full: the program of every
+    /// FinetuneJob pod. Resumes as `pretrain` does; at the end publishes the adapter (and
+    /// the merged model) under `spec.output.location`.
+    Finetune(TrainArgs),
     /// Prepare a Dataset: read its sources, split, tokenize and publish shards and a manifest.
     Prepare {
         /// A Dataset manifest (or a file holding one).
@@ -196,12 +200,12 @@ fn parse_duration(text: &str) -> Result<f64, JobError> {
 }
 
 #[derive(Debug, clap::Args)]
-struct PretrainArgs {
-    /// A PretrainJob manifest (with its Dataset in the same file), or the resolved spec the
-    /// operator writes.
+struct TrainArgs {
+    /// A PretrainJob or FinetuneJob manifest (with its Dataset, and a FinetuneJob's base
+    /// PretrainJob, in the same file), or the resolved spec the operator writes.
     #[arg(long)]
     job: PathBuf,
-    /// Which PretrainJob of the file, when it holds several.
+    /// Which job of the file, when it holds several.
     #[arg(long)]
     name: Option<String>,
     /// Dataset location (a prefix with `manifest.json`); default: the output of the
@@ -229,6 +233,35 @@ struct PretrainArgs {
     /// Device to train on: `cpu`, `cuda` or `cuda:N` (default: the first GPU if any).
     #[arg(long, env = pod::env::DEVICE)]
     device: Option<String>,
+}
+
+/// `taper pretrain` and `taper finetune`: run the job, exit 75 when interrupted.
+fn train(args: TrainArgs, finetune: bool) -> Result<u8, JobError> {
+    let objects = manifests::read(&args.job)?;
+    let stop = stop_on_signals()?;
+    let rt = runtime()?;
+    let opts = job::PretrainOptions {
+        name: args.name,
+        data: args.data,
+        checkpoints: args.checkpoints,
+        work_dir: args.work_dir,
+        metrics_addr: args.metrics_addr,
+        peak_flops: args.peak_tflops.map(|t| t * 1e12),
+        stop_after: args.stop_after,
+        namespace: args.namespace,
+        device: args.device,
+        stop,
+    };
+    let outcome = if finetune {
+        taper_trainer::finetune::run(&rt, &objects, opts)?
+    } else {
+        job::pretrain(&rt, &objects, opts)?
+    };
+    tracing::info!("{outcome:?}");
+    Ok(match outcome {
+        Outcome::Interrupted { .. } => exit::RETRYABLE,
+        _ => exit::SUCCESS,
+    })
 }
 
 /// Set when SIGTERM or SIGINT arrives: the trainer finishes the step, checkpoints and
@@ -282,29 +315,8 @@ fn run(cli: Cli) -> Result<u8, JobError> {
                 "deleted the job's stored data"
             );
         }
-        Command::Pretrain(args) => {
-            let objects = manifests::read(&args.job)?;
-            let stop = stop_on_signals()?;
-            let rt = runtime()?;
-            let opts = job::PretrainOptions {
-                name: args.name,
-                data: args.data,
-                checkpoints: args.checkpoints,
-                work_dir: args.work_dir,
-                metrics_addr: args.metrics_addr,
-                peak_flops: args.peak_tflops.map(|t| t * 1e12),
-                stop_after: args.stop_after,
-                namespace: args.namespace,
-                device: args.device,
-                stop,
-            };
-            let outcome = job::pretrain(&rt, &objects, opts)?;
-            tracing::info!("{outcome:?}");
-            return Ok(match outcome {
-                Outcome::Interrupted { .. } => exit::RETRYABLE,
-                _ => exit::SUCCESS,
-            });
-        }
+        Command::Pretrain(args) => return train(args, false),
+        Command::Finetune(args) => return train(args, true),
         Command::Generate {
             checkpoint,
             prompt,

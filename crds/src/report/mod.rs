@@ -18,7 +18,7 @@ pub use prepare::{
     SubstringStats,
 };
 pub use progress::{
-    CheckpointSaved, Done, EvalAction, EvalReport, NonFiniteLoss, Outcome, ProgressEvent, Started,
-    StepReport,
+    CheckpointSaved, Done, EvalAction, EvalReport, Exported, NonFiniteLoss, Outcome, ProgressEvent,
+    Started, StepReport,
 };
 pub use shards::{DatasetManifest, MaskInfo, ShardInfo, TokenDtype};

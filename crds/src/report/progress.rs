@@ -47,6 +47,9 @@ pub struct Started {
     pub max_steps: u64,
     /// Trainable parameters.
     pub parameters: u64,
+    /// All parameters, frozen ones included, when some are frozen (LoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_parameters: Option<u64>,
     /// URI of the checkpoint resumed from; absent for a fresh run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<String>,
@@ -131,6 +134,27 @@ pub struct CheckpointSaved {
     pub deleted: Vec<String>,
 }
 
+/// A finetuning run published its result: the adapter (LoRA) and, with `output.merge`,
+/// the merged model, each a folder with its files' sha256 in `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Exported {
+    /// The training step whose weights were exported (the best checkpoint's).
+    pub step: u64,
+    /// Folder URI of the adapter (`adapter_model.safetensors`, `adapter_config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_uri: Option<String>,
+    /// sha256 of `adapter_model.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_sha256: Option<String>,
+    /// Folder URI of the whole model (`model.safetensors`, `config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_uri: Option<String>,
+    /// sha256 of `model.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+}
+
 /// The run ended without an error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -155,6 +179,8 @@ pub enum ProgressEvent {
     Eval(EvalReport),
     /// A checkpoint was published.
     Checkpoint(CheckpointSaved),
+    /// A finetuned model was published.
+    Exported(Exported),
     /// The run ended; the last line of a successful run.
     Done(Done),
 }
@@ -197,7 +223,8 @@ impl JobStatus {
                     self.mfu = s.mfu;
                 }
             }
-            ProgressEvent::NonFiniteLoss(_) => {}
+            // A FinetuneJob's output URIs live beside the job status (FinetuneJobStatus).
+            ProgressEvent::NonFiniteLoss(_) | ProgressEvent::Exported(_) => {}
             ProgressEvent::Eval(e) => {
                 self.val_loss = Some(e.val_loss);
                 self.best_val_loss = e.best_val_loss.or(self.best_val_loss);
@@ -322,6 +349,7 @@ mod tests {
                 tokens: 0,
                 max_steps: 4,
                 parameters: 10,
+                total_parameters: None,
                 resumed_from: None,
             }),
             ProgressEvent::Step(StepReport {
@@ -440,6 +468,7 @@ mod tests {
                 tokens: 1000,
                 max_steps: 100,
                 parameters: 10,
+                total_parameters: None,
                 resumed_from: None,
             }),
             &now(),

@@ -15,8 +15,8 @@ use rand_chacha::ChaCha8Rng;
 use taper_crds::model::GptConfig;
 
 use super::{
-    ModelError,
-    ops::{conv1d_linear, layer_norm, softmax_last_dim},
+    ModelError, lora,
+    ops::{conv1d_linear, frozen_linear, layer_norm, softmax_last_dim},
     params::{Init, ParamStore, init_rng},
 };
 
@@ -49,10 +49,26 @@ impl Ln {
     }
 }
 
+/// A LoRA adapter on a Linear layer (see [`super::lora`]).
+#[derive(Debug)]
+struct Adapter {
+    /// `[r, in]`.
+    a: Tensor,
+    /// `[out, r]`.
+    b: Tensor,
+    /// `alpha / r`.
+    scale: f64,
+    /// Dropout on the adapter's input.
+    dropout: f64,
+}
+
 #[derive(Debug)]
 struct Lin {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Frozen: no gradient for the weight and bias (a LoRA base).
+    frozen: bool,
+    adapter: Option<Adapter>,
 }
 
 impl Lin {
@@ -60,18 +76,39 @@ impl Lin {
         Self {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
+            frozen: self.frozen,
+            adapter: self.adapter.as_ref().map(|a| Adapter {
+                a: a.a.detach(),
+                b: a.b.detach(),
+                scale: a.scale,
+                dropout: a.dropout,
+            }),
         }
     }
 
-    /// `x @ w + b` in `dtype`: input and parameters are cast (a no-op in f32), and the
-    /// output is in `dtype`.
-    fn forward(&self, x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    /// `x @ w + b` (plus the adapter's `dropout(x)·Aᵀ·Bᵀ·scale`) in `dtype`: input and
+    /// parameters are cast (a no-op in f32), and the output is in `dtype`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        dtype: DType,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(dtype)?;
         let bias = self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
-        conv1d_linear(
-            &x.to_dtype(dtype)?,
-            &self.weight.to_dtype(dtype)?,
-            bias.as_ref(),
-        )
+        let w = self.weight.to_dtype(dtype)?;
+        let y = if self.frozen {
+            frozen_linear(&x, &w, bias.as_ref())?
+        } else {
+            conv1d_linear(&x, &w, bias.as_ref())?
+        };
+        let Some(ad) = &self.adapter else {
+            return Ok(y);
+        };
+        let h = dropout(&x, ad.dropout, rng)?;
+        let h = conv1d_linear(&h, &ad.a.to_dtype(dtype)?.t()?, None)?;
+        let h = conv1d_linear(&h, &ad.b.to_dtype(dtype)?.t()?, None)?;
+        y + (h * ad.scale)?
     }
 }
 
@@ -95,6 +132,8 @@ pub struct Gpt {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Ln,
+    /// The embeddings are frozen (a LoRA base): the LM head passes no gradient to them.
+    frozen_wte: bool,
 }
 
 /// The parameters of a GPT-2 of this shape: (name, shape, initialisation), in GPT-2's
@@ -216,31 +255,71 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> candle_core:
 }
 
 impl Gpt {
-    /// The model over `params`, which must hold every tensor of [`parameter_specs`].
+    /// The model over `params`, which must hold every tensor of [`parameter_specs`]; every
+    /// parameter trainable (pretraining, full finetuning).
     pub fn new(cfg: GptConfig, params: &ParamStore) -> Result<Self, ModelError> {
+        Self::build(cfg, params, None)
+    }
+
+    /// The model with LoRA adapters: `params` also hold the adapters of `lora` (see
+    /// [`lora::add_adapters`]); the base is frozen, only the adapters get gradients.
+    pub fn with_lora(
+        cfg: GptConfig,
+        params: &ParamStore,
+        lora: &taper_crds::finetune::Lora,
+    ) -> Result<Self, ModelError> {
+        Self::build(cfg, params, Some(lora))
+    }
+
+    fn build(
+        cfg: GptConfig,
+        params: &ParamStore,
+        lora: Option<&taper_crds::finetune::Lora>,
+    ) -> Result<Self, ModelError> {
         if cfg.n_head <= 0 || cfg.n_embd % cfg.n_head != 0 {
             return Err(ModelError::Config(format!(
                 "nHead ({}) must divide nEmbd ({})",
                 cfg.n_head, cfg.n_embd
             )));
         }
+        let frozen = lora.is_some();
+        // A frozen parameter is used detached: no gradient graph reaches it.
+        let get = |name: &str| -> Result<Tensor, ModelError> {
+            let t = params.tensor(name)?;
+            Ok(if frozen { t.detach() } else { t })
+        };
         let opt = |name: String| -> Result<Option<Tensor>, ModelError> {
             if cfg.bias {
-                params.tensor(&name).map(Some)
+                get(&name).map(Some)
             } else {
                 Ok(None)
             }
         };
         let ln = |p: &str| -> Result<Ln, ModelError> {
             Ok(Ln {
-                weight: params.tensor(&format!("{p}.weight"))?,
+                weight: get(&format!("{p}.weight"))?,
                 bias: opt(format!("{p}.bias"))?,
             })
         };
+        let adapted = match lora {
+            Some(l) => lora::adapted_layers(&cfg, l)?,
+            None => Vec::new(),
+        };
         let lin = |p: &str| -> Result<Lin, ModelError> {
+            let adapter = match lora {
+                Some(l) if adapted.iter().any(|a| a == p) => Some(Adapter {
+                    a: params.tensor(&format!("{p}.lora_A.weight"))?,
+                    b: params.tensor(&format!("{p}.lora_B.weight"))?,
+                    scale: lora::scale(l),
+                    dropout: l.dropout,
+                }),
+                _ => None,
+            };
             Ok(Lin {
-                weight: params.tensor(&format!("{p}.weight"))?,
+                weight: get(&format!("{p}.weight"))?,
                 bias: opt(format!("{p}.bias"))?,
+                frozen,
+                adapter,
             })
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer as usize);
@@ -255,15 +334,16 @@ impl Gpt {
                 mlp_proj: lin(&format!("{p}.mlp.c_proj"))?,
             });
         }
-        let wte = params.tensor("wte.weight")?;
+        let wte = get("wte.weight")?;
         Ok(Self {
             cfg,
             // By default the model computes in its parameters' dtype.
             compute: wte.dtype(),
             wte,
-            wpe: params.tensor("wpe.weight")?,
+            wpe: get("wpe.weight")?,
             blocks,
             ln_f: ln("ln_f")?,
+            frozen_wte: frozen,
         })
     }
 
@@ -301,6 +381,7 @@ impl Gpt {
                 })
                 .collect(),
             ln_f: self.ln_f.detached(),
+            frozen_wte: self.frozen_wte,
         }
     }
 
@@ -335,7 +416,9 @@ impl Gpt {
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             // Attention.
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?, dt)?;
+            let qkv =
+                blk.c_attn
+                    .forward(&blk.ln_1.forward(&x)?, dt, ctx.dropout_rng.as_deref_mut())?;
             let heads = |i: usize| -> candle_core::Result<Tensor> {
                 qkv.narrow(D::Minus1, i * c, c)?
                     .reshape((b, t, h, hd))?
@@ -349,24 +432,33 @@ impl Gpt {
             let att = dropout(&att, p, ctx.dropout_rng.as_deref_mut())?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
             let y = dropout(
-                &blk.attn_proj.forward(&y, dt)?,
+                &blk.attn_proj
+                    .forward(&y, dt, ctx.dropout_rng.as_deref_mut())?,
                 p,
                 ctx.dropout_rng.as_deref_mut(),
             )?;
             x = (x + y.to_dtype(master)?)?;
             // MLP.
-            let m = blk.c_fc.forward(&blk.ln_2.forward(&x)?, dt)?.gelu_erf()?;
+            let m = blk
+                .c_fc
+                .forward(&blk.ln_2.forward(&x)?, dt, ctx.dropout_rng.as_deref_mut())?
+                .gelu_erf()?;
             let m = dropout(
-                &blk.mlp_proj.forward(&m, dt)?,
+                &blk.mlp_proj
+                    .forward(&m, dt, ctx.dropout_rng.as_deref_mut())?,
                 p,
                 ctx.dropout_rng.as_deref_mut(),
             )?;
             x = (x + m.to_dtype(master)?)?;
         }
         let x = self.ln_f.forward(&x)?.to_dtype(dt)?;
-        let logits = x
-            .reshape((b * t, c))?
-            .matmul(&self.wte.to_dtype(dt)?.t()?)?;
+        let head = self.wte.to_dtype(dt)?.t()?;
+        let x = x.reshape((b * t, c))?;
+        let logits = if self.frozen_wte {
+            frozen_linear(&x, &head, None)?
+        } else {
+            x.matmul(&head)?
+        };
         Ok(logits.reshape((b, t, self.cfg.vocab_size as usize))?)
     }
 }

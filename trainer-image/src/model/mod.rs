@@ -1,7 +1,8 @@
-//! Models: GPT-2 (and, with finetuning, LoRA adapters on it).
+//! Models: GPT-2, and LoRA adapters on it.
 
 pub mod check;
 pub mod gpt;
+pub mod lora;
 pub mod ops;
 pub mod params;
 

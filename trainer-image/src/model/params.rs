@@ -24,6 +24,9 @@ pub enum Init {
     Normal(f64),
     /// Every element this value (LayerNorm weights: 1, biases: 0).
     Const(f32),
+    /// Uniform in `[-bound, bound)` (LoRA's `A`: PyTorch's Kaiming-uniform with
+    /// `a = √5`, whose bound is `1/√fan_in`).
+    Uniform(f64),
 }
 
 impl ParamStore {
@@ -49,6 +52,12 @@ impl ParamStore {
                 let normal = Normal::new(0.0f64, std)
                     .map_err(|e| ModelError::Config(format!("bad init std {std}: {e}")))?;
                 (0..n).map(|_| normal.sample(rng) as f32).collect()
+            }
+            Init::Uniform(bound) => {
+                use rand::Rng;
+                (0..n)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect()
             }
         };
         let t = Tensor::from_vec(values, shape, device)?;
@@ -142,6 +151,35 @@ impl ParamStore {
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
+    }
+
+    /// Overwrite the parameters named in `names` from `tensors` (a checkpoint of the
+    /// trainable ones); the others are left as they are.
+    pub fn load_named<'a>(
+        &self,
+        tensors: &BTreeMap<String, Tensor>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ModelError> {
+        for name in names {
+            let var = self.get(name)?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| ModelError::MissingParameter(name.to_string()))?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a parameter called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
     }
 
     /// Load from a safetensors file; see [`ParamStore::load_from`].

@@ -66,6 +66,13 @@ pub struct TrainerState {
     pub dataset_digest: String,
     /// Tokenizer of the dataset (`gpt2`, `bytes`, or a `tokenizer.json` URI).
     pub tokenizer: String,
+    /// Finetuning: the base model (its URI and, for a Taper checkpoint, the sha256 of
+    /// its manifest). The checkpoint then holds only the trained tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// LoRA finetuning: the adapters' settings (the checkpoint holds only the adapters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<taper_crds::finetune::Lora>,
 }
 
 /// One file of a checkpoint as recorded in its manifest.
@@ -455,6 +462,31 @@ impl<'a> Checkpointer<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// The checkpoint whose folder is the store's root (a URI such as a PretrainJob's
+    /// `status.bestCheckpoint`), verified against its manifest; `None` when the root holds
+    /// no `manifest.json`.
+    pub async fn load_root(&self, device: &Device) -> Result<Option<Loaded>, CheckpointError> {
+        let bytes = match self.store.get(MANIFEST).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let manifest = serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Json {
+            what: self.store.uri(),
+            source,
+        })?;
+        let listed = Listed {
+            dir: String::new(),
+            manifest,
+        };
+        self.fetch_verified(&listed, device).await.map(Some)
+    }
+
+    /// Download and verify the checkpoint `listed`.
+    pub async fn load(&self, listed: &Listed, device: &Device) -> Result<Loaded, CheckpointError> {
+        self.fetch_verified(listed, device).await
     }
 
     /// The folder URI of the checkpoint in folder `dir` (as [`Saved::uri`] spells it).

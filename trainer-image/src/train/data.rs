@@ -6,6 +6,11 @@
 //! `manifest.json` describing them, written last. The sampler draws random windows of
 //! `blockSize + 1` tokens from a seeded RNG whose position is part of every checkpoint,
 //! so a resumed run sees exactly the batches an uninterrupted one would.
+//!
+//! An instruction dataset's shards come with loss masks (one byte per token). Its split is
+//! read as whole examples — each ends with the end-of-text token — and a batch is
+//! `batch` examples drawn at random, cut to `blockSize + 1` tokens and padded to the
+//! longest, with the loss on the masked (response) targets only, as lit-gpt finetunes.
 
 use std::{fs::File, path::Path};
 
@@ -44,29 +49,61 @@ pub enum DataError {
     Candle(#[from] candle_core::Error),
 }
 
-/// A memory-mapped split: its shards and their token counts.
+/// A memory-mapped split: its shards and their token counts, and for an instruction
+/// dataset the loss masks and where each example starts.
 #[derive(Debug)]
 pub struct TokenSplit {
     shards: Vec<Mmap>,
     tokens: Vec<u64>,
     dtype: TokenDtype,
+    /// Loss masks, one per shard (instruction datasets).
+    masks: Option<Vec<Mmap>>,
+    /// (first token, length) of every example, over the shards as one stream.
+    examples: Vec<(u64, u64)>,
+}
+
+fn map_file(path: &Path) -> Result<Mmap, DataError> {
+    let io = |source| DataError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY of the mapping: shards are immutable once their manifest is published.
+    #[allow(unsafe_code)]
+    unsafe { Mmap::map(&file) }.map_err(io)
+}
+
+/// A batch: inputs and next-token targets `[batch, T]` (u32), and for instruction data the
+/// loss mask of the targets `[batch, T]` (f32, 1 = counts); `tokens` is the count of real
+/// (unpadded) input tokens.
+#[derive(Debug)]
+pub struct Batch {
+    /// Inputs.
+    pub x: Tensor,
+    /// Targets.
+    pub y: Tensor,
+    /// Which targets count.
+    pub mask: Option<Tensor>,
+    /// Real input tokens.
+    pub tokens: u64,
 }
 
 impl TokenSplit {
-    /// Map every shard of `infos` under `dir`.
-    pub fn open(dir: &Path, infos: &[ShardInfo], dtype: TokenDtype) -> Result<Self, DataError> {
+    /// Map every shard of `infos` under `dir` (and its mask, when every shard has one:
+    /// then the split is read as examples, each ending with `eot`).
+    pub fn open(
+        dir: &Path,
+        infos: &[ShardInfo],
+        dtype: TokenDtype,
+        eot: u32,
+    ) -> Result<Self, DataError> {
         let mut shards = Vec::with_capacity(infos.len());
         let mut tokens = Vec::with_capacity(infos.len());
+        let masked = !infos.is_empty() && infos.iter().all(|i| i.mask.is_some());
+        let mut masks = Vec::new();
         for info in infos {
             let path = dir.join(&info.file);
-            let io = |source| DataError::Io {
-                path: path.display().to_string(),
-                source,
-            };
-            let file = File::open(&path).map_err(io)?;
-            // SAFETY of the mapping: shards are immutable once their manifest is published.
-            #[allow(unsafe_code)]
-            let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+            let map = map_file(&path)?;
             let n = (map.len() / dtype.width()) as u64;
             if map.len() % dtype.width() != 0 || n != info.tokens {
                 return Err(DataError::Invalid(format!(
@@ -77,14 +114,74 @@ impl TokenSplit {
                     dtype.width()
                 )));
             }
+            if let Some(mask) = info.mask.as_ref().filter(|_| masked) {
+                let path = dir.join(&mask.file);
+                let m = map_file(&path)?;
+                if m.len() as u64 != n {
+                    return Err(DataError::Invalid(format!(
+                        "{}: {} mask bytes for {n} tokens",
+                        path.display(),
+                        m.len()
+                    )));
+                }
+                masks.push(m);
+            }
             shards.push(map);
             tokens.push(n);
         }
-        Ok(Self {
+        let mut split = Self {
             shards,
             tokens,
             dtype,
-        })
+            masks: masked.then_some(masks),
+            examples: Vec::new(),
+        };
+        if masked {
+            let mut start = 0u64;
+            let mut at = 0u64;
+            for shard in 0..split.shards.len() {
+                for i in 0..split.tokens[shard] as usize {
+                    at += 1;
+                    if split.token(shard, i) == eot {
+                        split.examples.push((start, at - start));
+                        start = at;
+                    }
+                }
+            }
+        }
+        Ok(split)
+    }
+
+    /// Whether the split is read as masked examples (an instruction dataset).
+    pub fn is_masked(&self) -> bool {
+        self.masks.is_some()
+    }
+
+    /// Examples in an instruction split.
+    pub fn examples(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// `len` tokens and their mask bytes from `start` of the split as one stream.
+    fn span(&self, mut start: u64, len: u64) -> (Vec<u32>, Vec<u8>) {
+        let mut shard = 0;
+        while shard < self.tokens.len() && start >= self.tokens[shard] {
+            start -= self.tokens[shard];
+            shard += 1;
+        }
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        let mut i = start as usize;
+        while (ids.len() as u64) < len && shard < self.shards.len() {
+            if i as u64 >= self.tokens[shard] {
+                shard += 1;
+                i = 0;
+                continue;
+            }
+            ids.push(self.token(shard, i));
+            mask.push(self.masks.as_ref().map_or(1, |m| m[shard][i]));
+            i += 1;
+        }
+        (ids, mask)
     }
 
     /// Tokens in the split.
@@ -128,8 +225,8 @@ pub fn open_dataset(dir: &Path) -> Result<(DatasetManifest, TokenSplit, TokenSpl
             path: path.display().to_string(),
             source,
         })?;
-    let train = TokenSplit::open(dir, &manifest.train, manifest.dtype)?;
-    let test = TokenSplit::open(dir, &manifest.test, manifest.dtype)?;
+    let train = TokenSplit::open(dir, &manifest.train, manifest.dtype, manifest.eot_token)?;
+    let test = TokenSplit::open(dir, &manifest.test, manifest.dtype, manifest.eot_token)?;
     Ok((manifest, train, test))
 }
 
@@ -177,10 +274,89 @@ impl BatchSampler {
         }
     }
 
+    /// A batch of `split`: windows of a token stream, or examples of an instruction split
+    /// (see [`BatchSampler::examples`]).
+    pub fn batch(
+        &mut self,
+        split: &TokenSplit,
+        batch: usize,
+        block: usize,
+        device: &Device,
+    ) -> Result<Batch, DataError> {
+        if split.is_masked() {
+            return self.examples(split, batch, block, device);
+        }
+        let (x, y) = self.windows(split, batch, block, device)?;
+        Ok(Batch {
+            x,
+            y,
+            mask: None,
+            tokens: (batch * block) as u64,
+        })
+    }
+
+    /// `batch` examples drawn uniformly, each cut to `block + 1` tokens, padded to the
+    /// longest: inputs are the example but its last token, targets the example from its
+    /// second token, and the mask keeps the targets the example's loss mask marks (the
+    /// response and its end-of-text) and drops the padding.
+    pub fn examples(
+        &mut self,
+        split: &TokenSplit,
+        batch: usize,
+        block: usize,
+        device: &Device,
+    ) -> Result<Batch, DataError> {
+        let n = split.examples.len() as u64;
+        if n == 0 {
+            return Err(DataError::Invalid(
+                "the instruction split holds no example".into(),
+            ));
+        }
+        let picked: Vec<(Vec<u32>, Vec<u8>)> = (0..batch)
+            .map(|_| {
+                let (start, len) = split.examples[self.rng.random_range(0..n) as usize];
+                split.span(start, len.min(block as u64 + 1))
+            })
+            .collect();
+        let t = picked
+            .iter()
+            .map(|(ids, _)| ids.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (mut xs, mut ys, mut ms) = (
+            Vec::with_capacity(batch * t),
+            Vec::with_capacity(batch * t),
+            Vec::with_capacity(batch * t),
+        );
+        let mut tokens = 0u64;
+        for (ids, mask) in &picked {
+            let len = ids.len().saturating_sub(1);
+            tokens += len as u64;
+            for i in 0..t {
+                if i < len {
+                    xs.push(ids[i]);
+                    ys.push(ids[i + 1]);
+                    ms.push(f32::from(mask[i + 1]));
+                } else {
+                    xs.push(0);
+                    ys.push(0);
+                    ms.push(0.0);
+                }
+            }
+        }
+        Ok(Batch {
+            x: Tensor::from_vec(xs, (batch, t), device)?,
+            y: Tensor::from_vec(ys, (batch, t), device)?,
+            mask: Some(Tensor::from_vec(ms, (batch, t), device)?),
+            tokens,
+        })
+    }
+
     /// `batch` windows of `block + 1` tokens: inputs `[batch, block]` and next-token
     /// targets `[batch, block]`, both u32. A shard is chosen in proportion to its
     /// usable windows, then a start uniformly within it.
-    pub fn batch(
+    pub fn windows(
         &mut self,
         split: &TokenSplit,
         batch: usize,

@@ -32,13 +32,14 @@ use taper_crds::{
 use super::{
     checkpoint::{CheckpointError, Checkpointer, Snapshot, TrainerState},
     data::{DataError, TokenSplit},
-    trainer::{StepError, Trainer},
+    trainer::{StepError, Trainer, Tuning},
 };
 use crate::{
     metrics::Metrics,
     model::{
         ModelError,
         gpt::{flops_per_token, init_params},
+        params::ParamStore,
     },
     store::ObjectStore,
 };
@@ -47,11 +48,40 @@ use crate::{
 /// run is declared diverged.
 pub const MAX_NON_FINITE_STEPS: u32 = 3;
 
-/// Everything a pretraining run needs.
+/// Where a run's weights start.
+#[derive(Debug, Default)]
+pub enum ModelInit {
+    /// Fresh weights from the seed (pretraining).
+    #[default]
+    Fresh,
+    /// A base model to finetune.
+    Base(Box<BaseModel>),
+}
+
+/// A model to finetune.
 #[derive(Debug)]
+pub struct BaseModel {
+    /// Its weights, with fresh adapters for LoRA.
+    pub params: ParamStore,
+    /// What is trained.
+    pub tuning: Tuning,
+    /// Its identity (URI, and the sha256 of a checkpoint's manifest), recorded in
+    /// checkpoints: a run resumes only onto the same base.
+    pub identity: String,
+}
+
+/// What a finished finetuning run publishes (the adapter, the merged model), given the
+/// trainer at the end; its event is emitted before `done`.
+pub type Export<'a> = &'a (dyn Fn(&Trainer) -> Result<ProgressEvent, PretrainError> + Sync);
+
+/// Everything a training run needs (pretraining, or finetuning with [`ModelInit::Base`]).
 pub struct PretrainRun<'a> {
     /// Architecture.
     pub model: GptConfig,
+    /// Where the weights start.
+    pub init: ModelInit,
+    /// Finetuning: publish the result at the end (not after an interruption).
+    pub export: Option<Export<'a>>,
     /// Training settings.
     pub training: ResolvedTraining,
     /// Overfitting policy.
@@ -84,6 +114,16 @@ pub struct PretrainRun<'a> {
     pub stop_after: Option<u64>,
     /// Also given every progress event (the live status reporter).
     pub events: Option<EventSink<'a>>,
+}
+
+impl std::fmt::Debug for PretrainRun<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PretrainRun")
+            .field("model", &self.model)
+            .field("init", &self.init)
+            .field("training", &self.training)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A receiver of progress events besides stdout.
@@ -140,6 +180,9 @@ pub enum PretrainError {
     /// The thread writing a checkpoint panicked.
     #[error("the checkpoint upload thread panicked")]
     UploadPanicked,
+    /// The finetuned model could not be published.
+    #[error("export: {0}")]
+    Export(String),
 }
 
 /// The checkpoint being written in the background, if any.
@@ -245,9 +288,36 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     let sink = run.events;
     let emit = |event: ProgressEvent| emit_to(sink, event);
     let ckpt = Checkpointer::new(run.store, run.staging.clone());
-    let params = init_params(&run.model, run.training.seed as u64, &run.device)?;
+    let (params, tuning, base) = match run.init {
+        ModelInit::Fresh => (
+            init_params(&run.model, run.training.seed as u64, &run.device)?,
+            Tuning::Full,
+            None,
+        ),
+        ModelInit::Base(b) => (b.params, b.tuning, Some(b.identity)),
+    };
+    // nanoGPT counts parameters without the position embedding.
     let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;
-    let mut trainer = Trainer::new(run.model, run.training.clone(), params, run.device.clone())?;
+    let lora = tuning.lora().cloned();
+    let mut trainer = Trainer::with_tuning(
+        run.model,
+        run.training.clone(),
+        params,
+        run.device.clone(),
+        tuning,
+    )?;
+    let trained: usize = trainer
+        .trained_tensors()
+        .values()
+        .map(|t| t.elem_count())
+        .sum();
+    let total = trainer.params().numel();
+    if trained < total {
+        eprintln!(
+            "Training {trained} of {total} parameters ({:.3} %); the base is frozen.",
+            100.0 * trained as f64 / total as f64
+        );
+    }
     let mut tracker = Tracker::default();
     let mut resumed_from = None;
 
@@ -256,6 +326,12 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             return Err(PretrainError::Mismatch(
                 loaded.dir,
                 "the model architecture differs".into(),
+            ));
+        }
+        if loaded.state.base != base || loaded.state.lora != lora {
+            return Err(PretrainError::Mismatch(
+                loaded.dir,
+                "it finetunes another base model or another LoRA setting".into(),
             ));
         }
         if loaded.state.dataset_digest != run.dataset_digest {
@@ -276,7 +352,8 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         step: trainer.step_count(),
         tokens: trainer.tokens(),
         max_steps: run.training.max_steps as u64,
-        parameters: n_params as u64,
+        parameters: if trained < total { trained } else { n_params } as u64,
+        total_parameters: (trained < total).then_some(total as u64),
         resumed_from,
     }));
 
@@ -316,6 +393,8 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         training: run.training.clone(),
         dataset_digest: run.dataset_digest.clone(),
         tokenizer: run.tokenizer.clone(),
+        base: base.clone(),
+        lora: lora.clone(),
     };
     // Write a snapshot to the store and apply retention; runs on the upload thread.
     let upload = |snapshot: Snapshot, stall: f64| -> Result<(), PretrainError> {
@@ -354,7 +433,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
             let started = Instant::now();
             let snapshot = Snapshot::take(
                 state_of(trainer, tracker, val_loss),
-                &trainer.params().tensors(),
+                &trainer.trained_tensors(),
                 &trainer.optimizer().state_tensors(),
             )?;
             Ok((snapshot, started.elapsed().as_secs_f64()))
@@ -485,6 +564,11 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         let uploaded = finish_upload(&mut in_flight);
         let outcome = outcome?;
         uploaded?;
+        if let Some(export) = run.export
+            && !matches!(outcome, Outcome::Interrupted { .. })
+        {
+            emit(export(&trainer)?);
+        }
         emit(ProgressEvent::Done(Done {
             reason: outcome.reason(),
             step: outcome.step(),

@@ -10,7 +10,7 @@ use taper_crds::{
 
 use super::{
     checkpoint::TrainerState,
-    data::{BatchSampler, DataError, SamplerState, TokenSplit},
+    data::{Batch, BatchSampler, DataError, SamplerState, TokenSplit},
     optim::{AdamW, AdamWConfig, Grads, OptimError},
     schedule::CosineSchedule,
 };
@@ -49,6 +49,34 @@ pub fn compute_dtype(precision: Precision) -> DType {
     }
 }
 
+/// Which parameters a run trains.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Tuning {
+    /// Every parameter (pretraining, `method: full`).
+    #[default]
+    Full,
+    /// LoRA adapters only; the base is frozen.
+    Lora(taper_crds::finetune::Lora),
+}
+
+impl Tuning {
+    /// Whether the parameter called `name` is trained.
+    pub fn trains(&self, name: &str) -> bool {
+        match self {
+            Self::Full => true,
+            Self::Lora(_) => crate::model::lora::is_adapter(name),
+        }
+    }
+
+    /// The LoRA settings, if any.
+    pub fn lora(&self) -> Option<&taper_crds::finetune::Lora> {
+        match self {
+            Self::Full => None,
+            Self::Lora(l) => Some(l),
+        }
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
@@ -84,6 +112,7 @@ pub struct Trainer {
     device: Device,
     tokens: u64,
     lr_scale: f64,
+    tuning: Tuning,
 }
 
 impl Trainer {
@@ -96,7 +125,23 @@ impl Trainer {
         params: ParamStore,
         device: Device,
     ) -> Result<Self, StepError> {
-        let model = Gpt::new(cfg, &params)?.with_compute_dtype(compute_dtype(train.precision));
+        Self::with_tuning(cfg, train, params, device, Tuning::Full)
+    }
+
+    /// A trainer that trains what `tuning` says: with LoRA, `params` hold the base and the
+    /// adapters, and only the adapters have optimizer state and gradients.
+    pub fn with_tuning(
+        cfg: GptConfig,
+        train: ResolvedTraining,
+        params: ParamStore,
+        device: Device,
+        tuning: Tuning,
+    ) -> Result<Self, StepError> {
+        let model = match &tuning {
+            Tuning::Full => Gpt::new(cfg, &params)?,
+            Tuning::Lora(l) => Gpt::with_lora(cfg, &params, l)?,
+        }
+        .with_compute_dtype(compute_dtype(train.precision));
         let eval_model = model.detached();
         let optim = AdamW::new(
             &params,
@@ -106,7 +151,7 @@ impl Trainer {
                 eps: 1e-8,
                 weight_decay: train.weight_decay,
             },
-            |_| true,
+            |name| tuning.trains(name),
         )?;
         let schedule = CosineSchedule {
             max_lr: train.learning_rate,
@@ -130,6 +175,7 @@ impl Trainer {
             device,
             tokens: 0,
             lr_scale: 1.0,
+            tuning,
         })
     }
 
@@ -142,7 +188,9 @@ impl Trainer {
         model: &std::collections::BTreeMap<String, Tensor>,
         optimizer: &std::collections::BTreeMap<String, Tensor>,
     ) -> Result<(), StepError> {
-        self.params.load_from(model)?;
+        let trained: Vec<String> = self.optim.vars().map(|(n, _)| n.to_string()).collect();
+        self.params
+            .load_named(model, trained.iter().map(String::as_str))?;
         self.optim.load_state(optimizer, state.step)?;
         self.sampler = BatchSampler::resume(state.sampler);
         let dropout = state.dropout.unwrap_or(SamplerState {
@@ -205,6 +253,19 @@ impl Trainer {
         &self.params
     }
 
+    /// The trained parameters (all of them, or the adapters): what a checkpoint holds.
+    pub fn trained_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        self.optim
+            .vars()
+            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Which parameters are trained.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
     /// The optimizer.
     pub fn optimizer(&self) -> &AdamW {
         &self.optim
@@ -219,12 +280,14 @@ impl Trainer {
         let (batch, block) = (self.train.batch_size as usize, self.cfg.block_size as usize);
         let mut grads = Grads::new();
         let mut loss_sum = 0.0f32;
+        let mut tokens = 0u64;
         for _ in 0..accum {
-            let (x, y) = self.sampler.batch(data, batch, block, &self.device)?;
+            let b = self.sampler.batch(data, batch, block, &self.device)?;
+            tokens += b.tokens;
             let mut ctx = ForwardCtx {
                 dropout_rng: Some(&mut self.dropout),
             };
-            let loss = batch_loss(&self.model, &x, &y, &mut ctx)?;
+            let loss = batch_loss(&self.model, &b, &mut ctx)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(StepError::NonFiniteLoss(value, it + 1));
@@ -238,7 +301,6 @@ impl Trainer {
             return Err(StepError::NonFiniteLoss(grad_norm as f32, it + 1));
         }
         self.optim.step(&grads, lr)?;
-        let tokens = (accum * batch * block) as u64;
         self.tokens += tokens;
         Ok(StepStats {
             step: it + 1,
@@ -261,28 +323,28 @@ impl Trainer {
         let (batch, block) = (self.train.batch_size as usize, self.cfg.block_size as usize);
         let mut sum = 0.0f32;
         for _ in 0..iterations {
-            let (x, y) = sampler.batch(data, batch, block, &self.device)?;
+            let b = sampler.batch(data, batch, block, &self.device)?;
             // No dropout RNG: evaluation is deterministic.
-            sum += batch_loss(&self.eval_model, &x, &y, &mut ForwardCtx::default())?
-                .to_scalar::<f32>()?;
+            sum +=
+                batch_loss(&self.eval_model, &b, &mut ForwardCtx::default())?.to_scalar::<f32>()?;
         }
         Ok(sum / iterations.max(1) as f32)
     }
 }
 
-/// Mean cross-entropy of `model` on one batch.
-fn batch_loss(
+/// Mean cross-entropy of `model` on one batch (over the masked targets, if masked).
+pub fn batch_loss(
     model: &Gpt,
-    x: &Tensor,
-    y: &Tensor,
+    batch: &Batch,
     ctx: &mut ForwardCtx<'_>,
 ) -> Result<Tensor, StepError> {
-    let logits = model.forward(x, ctx)?;
+    let logits = model.forward(&batch.x, ctx)?;
     let (b, t, v) = logits.dims3()?;
+    let mask = batch.mask.as_ref().map(Tensor::flatten_all).transpose()?;
     Ok(cross_entropy(
         &logits.reshape((b * t, v))?,
-        &y.flatten_all()?,
-        None,
+        &batch.y.flatten_all()?,
+        mask.as_ref(),
     )?)
 }
 

@@ -87,6 +87,58 @@ pub fn byte_dataset(dir: &Path) -> DatasetManifest {
     manifest
 }
 
+/// A byte-level instruction dataset (no shared data needed): examples `Q: a+b?\nA: ` →
+/// `{a+b}` then the end-of-text byte 0, with loss masks on the answer and the end-of-text,
+/// 400 for training and 40 for testing, in shards and a manifest as `taper prepare`
+/// writes them.
+pub fn byte_instruction_dataset(dir: &Path) -> DatasetManifest {
+    let split = |name: &str, range: std::ops::Range<u32>| {
+        let (mut tokens, mut mask) = (Vec::new(), Vec::new());
+        for i in range {
+            let (a, b) = (i % 37, i / 37 % 23);
+            let prompt = format!("Q: {a}+{b}?\nA: ");
+            let answer = format!("{}", a + b);
+            tokens.extend(prompt.bytes().map(u32::from));
+            mask.extend(std::iter::repeat_n(0u8, prompt.len()));
+            tokens.extend(answer.bytes().map(u32::from));
+            tokens.push(0);
+            mask.extend(std::iter::repeat_n(1u8, answer.len() + 1));
+        }
+        let path = dir.join(format!("{name}-00000.bin"));
+        write_u16_shard(&path, &tokens).expect("write shard");
+        let mask_file = format!("{name}-00000.mask.bin");
+        std::fs::write(dir.join(&mask_file), &mask).expect("write mask");
+        let sha = |p: &Path| taper_trainer::store::sha256_file(p).expect("hash").1;
+        ShardInfo {
+            mask: Some(taper_crds::report::MaskInfo {
+                sha256: sha(&dir.join(&mask_file)),
+                file: mask_file,
+            }),
+            file: format!("{name}-00000.bin"),
+            tokens: tokens.len() as u64,
+            sha256: sha(&path),
+        }
+    };
+    let train = vec![split("train", 0..400)];
+    let test = vec![split("test", 400..440)];
+    let manifest = DatasetManifest {
+        version: 1,
+        tokenizer: "bytes".into(),
+        vocab_size: 256,
+        eot_token: 0,
+        dtype: TokenDtype::Uint16,
+        digest: format!("{}{}", train[0].sha256, test[0].sha256),
+        train,
+        test,
+    };
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .expect("manifest");
+    manifest
+}
+
 /// A `data/` folder in `tmp` holding a [`byte_dataset`].
 pub fn byte_dataset_dir(tmp: &TempDir) -> PathBuf {
     let dir = tmp.path().join("data");
@@ -138,6 +190,8 @@ pub fn tiny_run<'a>(
 ) -> PretrainRun<'a> {
     PretrainRun {
         model: tiny_model(),
+        init: Default::default(),
+        export: None,
         training: quick_training(max_steps),
         overfitting: taper_crds::training::Overfitting {
             action: taper_crds::training::OverfittingAction::None,

@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod contract;
 mod dropout;
+mod finetune;
 mod gpt_gradients;
 mod learns_shakespeare;
 mod mixed_precision;

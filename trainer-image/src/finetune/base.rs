@@ -1,0 +1,200 @@
+//! Models to start from and to talk to: a Taper checkpoint (a PretrainJob's), or a model
+//! folder in Hugging Face GPT-2 layout (`config.json`, `model.safetensors` or sharded
+//! `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`, and optionally
+//! `tokenizer.json`) — a public GPT-2 copied to a bucket, or a model `taper finetune`
+//! exported.
+
+use std::{collections::BTreeMap, path::Path};
+
+use candle_core::{Device, Tensor};
+use taper_crds::{finetune::CheckpointChoice, model::GptConfig, store::StoreAccess};
+
+use crate::{
+    job::JobError,
+    model::{gpt::init_params, params::ParamStore},
+    store::{self, ObjectStore, StoreError, join},
+    train::checkpoint::{Checkpointer, Loaded},
+};
+
+/// A model loaded for finetuning or generation.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Architecture.
+    pub cfg: GptConfig,
+    /// Weights.
+    pub params: ParamStore,
+    /// Its tokenizer as manifests name it (`gpt2`, or a `tokenizer.json` URI).
+    pub tokenizer: String,
+    /// What it is, for checkpoints: the URI of the checkpoint or folder it came from.
+    pub identity: String,
+}
+
+fn spec(message: String) -> JobError {
+    JobError::Spec(message)
+}
+
+fn data(message: String) -> JobError {
+    JobError::Data(message)
+}
+
+async fn exists(store: &dyn ObjectStore, key: &str) -> Result<bool, StoreError> {
+    match store.get(key).await {
+        Ok(_) => Ok(true),
+        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Load the model at `uri`: a Taper checkpoint folder (`manifest.json` and `state.json`),
+/// a job's checkpoint prefix (its `choice` checkpoint), or a Hugging Face GPT-2 folder.
+pub fn load(
+    rt: &tokio::runtime::Runtime,
+    uri: &str,
+    access: Option<&StoreAccess>,
+    choice: CheckpointChoice,
+    device: &Device,
+    staging: &Path,
+) -> Result<LoadedModel, JobError> {
+    let store = rt.block_on(store::open(uri, access))?;
+    let store = store.as_ref();
+    let ckpt = Checkpointer::new(store, staging.join("base"));
+    let corrupt = |e: crate::train::checkpoint::CheckpointError| data(format!("{uri}: {e}"));
+    if rt.block_on(exists(store, "state.json"))? {
+        let loaded = rt
+            .block_on(ckpt.load_root(device))
+            .map_err(corrupt)?
+            .ok_or_else(|| data(format!("{uri}: the checkpoint has no manifest.json")))?;
+        return from_checkpoint(uri.trim_end_matches('/').to_string(), loaded);
+    }
+    if rt.block_on(exists(store, "config.json"))? {
+        return hugging_face(rt, store, uri, device, staging);
+    }
+    let listed = rt.block_on(ckpt.list()).map_err(corrupt)?;
+    let chosen = match choice {
+        CheckpointChoice::Best => rt.block_on(ckpt.best()).map_err(corrupt)?,
+        CheckpointChoice::Latest => None,
+    }
+    .or_else(|| listed.last().cloned())
+    .ok_or_else(|| {
+        data(format!(
+            "{uri} holds neither a model folder (config.json) nor a Taper checkpoint"
+        ))
+    })?;
+    let loaded = rt.block_on(ckpt.load(&chosen, device)).map_err(corrupt)?;
+    from_checkpoint(ckpt.uri_of(&chosen.dir), loaded)
+}
+
+fn from_checkpoint(uri: String, loaded: Loaded) -> Result<LoadedModel, JobError> {
+    if loaded.state.lora.is_some() {
+        return Err(spec(format!(
+            "{uri} is a LoRA finetuning checkpoint (adapters only); use the model its FinetuneJob exported (output.merge)"
+        )));
+    }
+    let mut params = ParamStore::new();
+    for (name, t) in &loaded.model {
+        params
+            .insert_tensor(name, t)
+            .map_err(|e| JobError::Internal(e.to_string()))?;
+    }
+    Ok(LoadedModel {
+        cfg: loaded.state.model,
+        params,
+        tokenizer: loaded.state.tokenizer,
+        identity: uri,
+    })
+}
+
+/// The GPT-2 architecture of a Hugging Face `config.json`.
+pub fn gpt2_config(config: &serde_json::Value) -> Result<GptConfig, String> {
+    if let Some(t) = config.get("model_type").and_then(|v| v.as_str())
+        && t != "gpt2"
+    {
+        return Err(format!(
+            "model_type {t:?}: only GPT-2 models load today (architecture: gpt2)"
+        ));
+    }
+    let int = |key: &str| -> Result<i64, String> {
+        config
+            .get(key)
+            .and_then(|v| v.as_i64())
+            .ok_or_else(|| format!("config.json lacks the integer {key:?}"))
+    };
+    if let Some(act) = config.get("activation_function").and_then(|v| v.as_str())
+        && act != "gelu"
+    {
+        tracing::warn!(
+            "config.json: activation_function {act:?}; Taper's GPT-2 uses the exact (erf) GELU, which differs from the tanh approximation by less than 1e-3"
+        );
+    }
+    Ok(GptConfig {
+        n_layer: int("n_layer")?,
+        n_head: int("n_head")?,
+        n_embd: int("n_embd")?,
+        block_size: int("n_positions")?,
+        vocab_size: int("vocab_size")?,
+        dropout: 0.0,
+        bias: true,
+    })
+}
+
+fn hugging_face(
+    rt: &tokio::runtime::Runtime,
+    store: &dyn ObjectStore,
+    uri: &str,
+    device: &Device,
+    staging: &Path,
+) -> Result<LoadedModel, JobError> {
+    let bad = |m: String| data(format!("{uri}: {m}"));
+    let config: serde_json::Value = serde_json::from_slice(&rt.block_on(store.get("config.json"))?)
+        .map_err(|e| bad(format!("config.json: {e}")))?;
+    let cfg = gpt2_config(&config).map_err(bad)?;
+    // One file, or shards named by the index's weight map.
+    let files: Vec<String> = if rt.block_on(exists(store, "model.safetensors"))? {
+        vec!["model.safetensors".into()]
+    } else if rt.block_on(exists(store, "model.safetensors.index.json"))? {
+        let index: serde_json::Value =
+            serde_json::from_slice(&rt.block_on(store.get("model.safetensors.index.json"))?)
+                .map_err(|e| bad(format!("model.safetensors.index.json: {e}")))?;
+        let mut files: Vec<String> = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("model.safetensors.index.json has no weight_map".into()))?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        return Err(bad(
+            "no model.safetensors or model.safetensors.index.json (only safetensors weights load)"
+                .into(),
+        ));
+    };
+    let local = staging.join("base-hf");
+    std::fs::create_dir_all(&local).map_err(|e| JobError::Internal(e.to_string()))?;
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    for file in &files {
+        let path = local.join(file.replace('/', "_"));
+        rt.block_on(store.get_file(file, &path))?;
+        let loaded = candle_core::safetensors::load(&path, device)
+            .map_err(|e| bad(format!("{file}: {e}")))?;
+        tensors.extend(loaded);
+        let _ = std::fs::remove_file(&path);
+    }
+    let params = init_params(&cfg, 0, device).map_err(|e| JobError::Internal(e.to_string()))?;
+    params
+        .load_from(&tensors)
+        .map_err(|e| bad(format!("the weights do not fit config.json: {e}")))?;
+    let tokenizer = if rt.block_on(exists(store, "tokenizer.json"))? {
+        join(uri, "tokenizer.json")
+    } else {
+        "gpt2".to_string()
+    };
+    Ok(LoadedModel {
+        cfg,
+        params,
+        tokenizer,
+        identity: uri.trim_end_matches('/').to_string(),
+    })
+}
