@@ -214,7 +214,8 @@ pub fn plan_finetune(fj: &FinetuneJob, inputs: &Inputs, cfg: &Config) -> Readine
         Ok(d) => d,
         Err(m) => return Readiness::Invalid(ConditionReason::InvalidSpec, m),
     };
-    let mut objects = Vec::new();
+    // The base, resolved: the chosen checkpoint's folder URI replaces the reference.
+    let mut base_model = fj.spec.base_model.clone();
     if let Some(r) = &fj.spec.base_model.pretrain_job_ref {
         let Some(base) = &inputs.base else {
             return Readiness::Waiting(
@@ -236,14 +237,17 @@ pub fn plan_finetune(fj: &FinetuneJob, inputs: &Inputs, cfg: &Config) -> Readine
                 ),
             );
         }
-        let mut base = base.clone();
-        base.metadata = file_meta(&base.metadata);
-        base.status = None;
-        objects.push(TaperObject::PretrainJob(Box::new(base)));
+        base_model = taper_crds::finetune::BaseModel {
+            pretrain_job_ref: None,
+            uri: checkpoint,
+            architecture: None,
+            access: base.spec.checkpoints.access.clone(),
+        };
     }
     let mut job = fj.clone();
     job.metadata = file_meta(&fj.metadata);
     job.status = None;
+    job.spec.base_model = base_model;
     if job.spec.output.location.is_none() {
         let ns = fj.namespace().unwrap_or_default();
         match default_location(cfg, &ns, &format!("finetunejobs/{}", fj.name_any())) {
@@ -264,11 +268,10 @@ pub fn plan_finetune(fj: &FinetuneJob, inputs: &Inputs, cfg: &Config) -> Readine
             .and_then(|l| l.access.as_ref()),
         cfg,
     );
-    let mut all = vec![
+    let all = vec![
         TaperObject::FinetuneJob(Box::new(job.clone())),
         TaperObject::Dataset(Box::new(ds)),
     ];
-    all.extend(objects);
     Readiness::Ready(Box::new(Plan {
         command: "finetune",
         resources: job.spec.resources.clone(),

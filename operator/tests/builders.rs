@@ -355,6 +355,56 @@ fn references_wait_with_a_reason_or_fail_when_they_cannot_work() {
     );
 }
 
+/// A FinetuneJob on a PretrainJob waits until the base has Succeeded, then runs on the
+/// concrete checkpoint it chose: the job file names the checkpoint's folder URI (with the
+/// base's store access) instead of the reference, as `taper finetune` reads it.
+#[test]
+fn a_finetune_job_runs_on_the_concrete_checkpoint_of_its_base() {
+    let fj: taper_crds::FinetuneJob = serde_yaml::from_str(
+        "apiVersion: taper.dev/v1alpha1\nkind: FinetuneJob\n\
+         metadata: {name: chat, namespace: research, uid: 12121212-3434-5656-7878-909090909090}\n\
+         spec:\n  baseModel: {pretrainJobRef: {name: gpt2, checkpoint: best}}\n  datasetRef: {name: owt2}\n",
+    )
+    .expect("finetune job");
+    let mut instruction = dataset(true);
+    instruction.spec.format = taper_crds::dataset::DatasetFormat::Instruction;
+    let mut base = pretrain_job();
+    let inputs = |base: &PretrainJob| Inputs {
+        dataset: Some(instruction.clone()),
+        base: Some(base.clone()),
+    };
+    let waiting = plan::plan_finetune(&fj, &inputs(&base), &cfg());
+    assert!(
+        matches!(
+            waiting,
+            Readiness::Waiting(ConditionReason::BaseModelNotReady, _)
+        ),
+        "{waiting:?}"
+    );
+    let best = "s3://ml-bucket/taper/research/pretrainjobs/gpt2/checkpoints/step-000004000";
+    base.status = Some(taper_crds::JobStatus {
+        phase: taper_crds::JobPhase::Succeeded,
+        best_checkpoint: Some(best.into()),
+        latest_checkpoint: Some(format!("{best}0")),
+        ..Default::default()
+    });
+    let plan = ready(plan::plan_finetune(&fj, &inputs(&base), &cfg()));
+    assert_eq!(plan.command, "finetune");
+    let files: Vec<&str> = plan.objects.iter().map(|o| o.kind()).collect();
+    assert_eq!(
+        files,
+        ["FinetuneJob", "Dataset"],
+        "the base is resolved, not shipped"
+    );
+    let resolved = plan.objects[0].as_finetune_job().expect("finetune job");
+    assert_eq!(resolved.spec.base_model.uri.as_deref(), Some(best));
+    assert!(resolved.spec.base_model.pretrain_job_ref.is_none());
+    assert!(
+        resolved.spec.output.location.is_some(),
+        "the output defaults to the operator's bucket"
+    );
+}
+
 /// A deleted job with `reclaimPolicy: Delete`: the cleanup Job is the trainer's pod (its
 /// image, S3 Secret, ServiceAccount and job file) running `taper cleanup`, without GPUs.
 #[test]

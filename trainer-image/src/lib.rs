@@ -1,5 +1,6 @@
 //! Taper's trainer: dataset preparation, GPT pretraining and finetuning with candle.
 
+pub mod chat;
 pub mod cleanup;
 pub mod dashboards;
 pub mod dataset;

@@ -9,9 +9,11 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use taper_crds::{TaperObject, exit, manifest::find_one, pod};
+
 use taper_trainer::{
-    cleanup, device,
+    chat, cleanup, device,
     generate::{self, SampleOptions},
     job::{self, JobError},
     manifests, model, prepare, quickstart,
@@ -77,24 +79,30 @@ enum Command {
     },
     /// Sample text from a checkpoint.
     Generate {
-        /// Checkpoint prefix of a job (`file://…` or `s3://…`); the newest checkpoint is used.
-        #[arg(long)]
+        /// The model: a job's checkpoint prefix (its newest checkpoint), a checkpoint
+        /// folder, or a model folder (`config.json`, `model.safetensors`, as `taper
+        /// finetune` exports); `file://…` or `s3://…`.
+        #[arg(long, alias = "model")]
         checkpoint: String,
         /// Text to continue.
         #[arg(long, default_value = "\n")]
         prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 200)]
-        max_tokens: usize,
-        /// Softmax temperature; lower is more conservative.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        /// Sample only from the k most likely tokens (0: all).
-        #[arg(long, default_value_t = 200)]
-        top_k: usize,
-        /// Seed of the sampler.
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
+        /// `alpaca` wraps the prompt in the instruction template (for finetuned models).
+        #[arg(long, value_enum, default_value = "none")]
+        template: chat::Template,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Talk to a model: a REPL on a terminal, one answer per question line over a pipe.
+    Chat {
+        /// The model, as for `generate` (typically the folder `taper finetune` exported).
+        #[arg(long)]
+        model: String,
+        /// How a question becomes a prompt.
+        #[arg(long, value_enum, default_value = "alpaca")]
+        template: chat::Template,
+        #[command(flatten)]
+        sampling: SamplingArgs,
     },
     /// Compare the fused kernels (softmax, cross-entropy) with their composed references on
     /// a device, in value and gradient, and time both; exits 1 when one is off.
@@ -108,8 +116,9 @@ enum Command {
         #[command(subcommand)]
         action: DashboardsAction,
     },
-    /// Run the embedded quickstart pipeline on this CPU: prepare Tiny Shakespeare, pretrain a
-    /// 7M-parameter GPT on it (resuming if stopped), and sample from it.
+    /// Run the embedded quickstart pipeline on this CPU, nothing downloaded: write a small
+    /// invented world, prepare it, pretrain a small GPT on it, finetune it with LoRA to
+    /// answer questions (resuming if stopped), and ask it the held-out questions.
     Quickstart {
         /// Local working folder.
         #[arg(long, default_value = ".taper/quickstart/work")]
@@ -197,6 +206,38 @@ fn parse_duration(text: &str) -> Result<f64, JobError> {
         .filter(|n| n.is_finite() && *n > 0.0)
         .map(|n| n * factor)
         .ok_or_else(|| JobError::Spec(format!("duration {text:?}: expected e.g. 90s, 15m, 6h")))
+}
+
+/// Sampling options of `generate` and `chat`.
+#[derive(Debug, clap::Args)]
+struct SamplingArgs {
+    /// Tokens to generate at most (generation also stops at the end-of-text token).
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; lower is more conservative, 0 always takes the likeliest token.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample only from the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 200)]
+    top_k: usize,
+    /// Sample only from the most likely tokens that together reach this probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> SampleOptions {
+        SampleOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -320,24 +361,32 @@ fn run(cli: Cli) -> Result<u8, JobError> {
         Command::Generate {
             checkpoint,
             prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
+            template,
+            sampling,
         } => {
             let rt = runtime()?;
-            let text = generate::from_checkpoint(
-                &rt,
-                &checkpoint,
-                &prompt,
-                &SampleOptions {
-                    max_tokens,
-                    temperature,
-                    top_k,
-                    seed,
+            let generator = generate::Generator::load(&rt, &checkpoint)?;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{prompt}");
+            let _ = out.flush();
+            generator.stream(
+                &template.apply(&prompt),
+                &sampling.options(),
+                &mut |piece| {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
                 },
             )?;
-            println!("{text}");
+            let _ = writeln!(out);
+        }
+        Command::Chat {
+            model,
+            template,
+            sampling,
+        } => {
+            let rt = runtime()?;
+            let generator = generate::Generator::load(&rt, &model)?;
+            chat::run(&generator, template, &sampling.options(), &model)?;
         }
         Command::Prepare {
             job,

@@ -29,8 +29,9 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 /// How long the end of a run waits for its last status report.
 pub const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The status fields the trainer owns on a PretrainJob or FinetuneJob.
-const JOB_FIELDS: [&str; 13] = [
+/// The status fields the trainer owns on a PretrainJob or FinetuneJob (`adapterUri` and
+/// `modelUri` only on a FinetuneJob, from its `exported` event).
+const JOB_FIELDS: [&str; 15] = [
     "step",
     "tokens",
     "maxSteps",
@@ -44,6 +45,8 @@ const JOB_FIELDS: [&str; 13] = [
     "latestCheckpoint",
     "bestCheckpoint",
     "checkpoints",
+    "adapterUri",
+    "modelUri",
 ];
 
 /// The status fields the trainer owns on a Dataset.
@@ -204,6 +207,8 @@ impl JobReporter {
         let (sender, mut events) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
         let task = rt.spawn(async move {
             let mut status = JobStatus::default();
+            // A FinetuneJob's published model, beside the job status.
+            let mut exported = serde_json::Map::new();
             let mut last: Option<Instant> = None;
             let mut dirty = false;
             loop {
@@ -214,6 +219,15 @@ impl JobReporter {
                 let urgent = match &event {
                     Ok(Some(e)) => {
                         status.observe(e, &now);
+                        if let ProgressEvent::Exported(x) = e {
+                            for (key, uri) in
+                                [("adapterUri", &x.adapter_uri), ("modelUri", &x.model_uri)]
+                            {
+                                if let Some(uri) = uri {
+                                    exported.insert(key.into(), uri.clone().into());
+                                }
+                            }
+                        }
                         dirty = true;
                         !matches!(e, ProgressEvent::Step(_) | ProgressEvent::NonFiniteLoss(_))
                     }
@@ -222,7 +236,10 @@ impl JobReporter {
                 };
                 let due = last.is_none_or(|t| t.elapsed() >= INTERVAL);
                 if dirty && (urgent || due) {
-                    let value = serde_json::to_value(&status).unwrap_or_default();
+                    let mut value = serde_json::to_value(&status).unwrap_or_default();
+                    if let Some(map) = value.as_object_mut() {
+                        map.extend(exported.clone());
+                    }
                     match target.apply(value, &JOB_FIELDS).await {
                         Ok(()) => dirty = false,
                         Err(e) => tracing::warn!(target = ?target, "cannot report progress: {e}"),

@@ -119,7 +119,7 @@ pub(crate) fn cluster_checks(kubeconfig: &Path) {
             "`kubectl get pj -o wide` header {wide_header:?} lacks {col}"
         );
     }
-    assert!(table.contains("shakespeare-mini"), "{table}");
+    assert!(table.contains("world-gpt"), "{table}");
     for (short, kind) in [("ds", "Dataset"), ("fj", "FinetuneJob")] {
         let out = kubectl(kubeconfig, &["get", short, "-n", "e2e"], None);
         assert!(
@@ -145,7 +145,7 @@ pub(crate) fn cluster_checks(kubeconfig: &Path) {
                 "pj",
                 "-n",
                 "e2e",
-                "shakespeare-mini",
+                "world-gpt",
                 "-o",
                 "jsonpath={.metadata.uid}",
             ],
@@ -155,7 +155,7 @@ pub(crate) fn cluster_checks(kubeconfig: &Path) {
     );
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "owned", "ownerReferences": [{"apiVersion": "taper.dev/v1alpha1",
-            "kind": "PretrainJob", "name": "shakespeare-mini", "uid": uid, "controller": true}]},
+            "kind": "PretrainJob", "name": "world-gpt", "uid": uid, "controller": true}]},
         "data": {"k": "v"}});
     ok(
         &kubectl(
@@ -168,7 +168,7 @@ pub(crate) fn cluster_checks(kubeconfig: &Path) {
     ok(
         &kubectl(
             kubeconfig,
-            &["delete", "pj", "-n", "e2e", "shakespeare-mini"],
+            &["delete", "pj", "-n", "e2e", "world-gpt"],
             None,
         ),
         "delete pj",

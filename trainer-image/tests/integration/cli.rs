@@ -15,23 +15,14 @@ fn version_names_the_program() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("taper "));
 }
 
-/// The README's quickstart as a newcomer runs it: prepare Tiny Shakespeare, pretrain,
-/// stop (as Ctrl-C would) with a checkpoint, run again and resume at the same step.
+/// The README's quickstart as a newcomer runs it, in an empty folder with nothing beside
+/// it (no `../shared`): write the world, prepare it, pretrain, stop (as Ctrl-C would) with
+/// a checkpoint, run again and resume at the same step.
 #[test]
-fn quickstart_prepares_pretrains_stops_and_resumes() {
-    let Some(shared) = taper_e2e::shared_data_or_skip() else {
-        return;
-    };
-    // The pipeline's relative paths (`file://../shared/data/…`, `file://.taper/…`) resolve
-    // against the working directory: give it a private one with `../shared` beside it.
+fn quickstart_needs_nothing_outside_the_repository_and_resumes() {
     let tmp = common::TempDir::new("quickstart");
-    let cwd = tmp.path().join("checkout");
-    std::fs::create_dir_all(tmp.path().join("shared")).expect("dirs");
-    std::fs::create_dir_all(&cwd).expect("dirs");
-    std::os::unix::fs::symlink(&shared, tmp.path().join("shared/data")).expect("symlink");
-
     let first = taper()
-        .current_dir(&cwd)
+        .current_dir(tmp.path())
         .args(["quickstart", "--stop-after", "2"])
         .output()
         .expect("taper runs");
@@ -42,19 +33,32 @@ fn quickstart_prepares_pretrains_stops_and_resumes() {
         "stops with a checkpoint\n{stdout}\n{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(stdout.contains("Preparing Dataset shakespeare"), "{stdout}");
+    assert!(
+        stdout.contains("world-bios: 4000 documents")
+            && stdout.contains("world-qa: 2400 documents"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("\"reason\":\"Interrupted\",\"step\":2"),
         "{stdout}"
     );
-    let manifest = cwd.join(".taper/quickstart/datasets/shakespeare/manifest.json");
+    let manifest = tmp
+        .path()
+        .join(".taper/quickstart/datasets/world-qa/manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
-    assert_eq!(manifest["tokenizer"], "gpt2");
-    assert!(manifest["train"][0]["tokens"].as_u64().expect("tokens") > 200_000);
+    assert_eq!(
+        manifest["tokenizer"],
+        "file://.taper/quickstart/world/tokenizer.json"
+    );
+    assert_eq!(manifest["vocabSize"], 1024);
+    assert!(
+        manifest["train"][0]["mask"].is_object(),
+        "instruction shards carry loss masks"
+    );
 
     let second = taper()
-        .current_dir(&cwd)
+        .current_dir(tmp.path())
         .args(["quickstart", "--stop-after", "3"])
         .output()
         .expect("taper runs");

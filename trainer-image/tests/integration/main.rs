@@ -11,6 +11,7 @@ mod contract;
 mod dropout;
 mod finetune;
 mod gpt_gradients;
+mod hf_models;
 mod learns_shakespeare;
 mod mixed_precision;
 mod optimizer_reference;
