@@ -40,6 +40,8 @@ config = GPT2Config(
     embd_pdrop=0.0,
     attn_pdrop=0.0,
     layer_norm_epsilon=1e-5,
+    bos_token_id=95,
+    eos_token_id=95,
 )
 model = GPT2LMHeadModel(config).eval()
 with torch.no_grad():

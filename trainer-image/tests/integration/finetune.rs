@@ -323,3 +323,45 @@ fn finetuning_on_alpaca_lowers_the_held_out_loss() {
         "held-out loss {before:.3} -> {after:.3}"
     );
 }
+
+/// A batch of an instruction split is whole examples: the inputs start at a prompt, and
+/// the targets the mask keeps spell exactly the answer and its end-of-text, nothing of the
+/// prompt or the padding.
+#[test]
+fn instruction_batches_are_whole_examples_with_the_loss_on_the_answers() {
+    let tmp = TempDir::new("lora-batch");
+    byte_instruction_dataset(tmp.path());
+    let (_, train, _) = open_dataset(tmp.path()).expect("dataset");
+    let batch = BatchSampler::new(7)
+        .batch(&train, 8, 32, &Device::Cpu)
+        .expect("batch");
+    let x = batch.x.to_vec2::<u32>().expect("x");
+    let y = batch.y.to_vec2::<u32>().expect("y");
+    let mask = batch.mask.expect("masked").to_vec2::<f32>().expect("mask");
+    let mut real = 0;
+    for ((x, y), m) in x.iter().zip(&y).zip(&mask) {
+        let text: String = x.iter().map(|&b| b as u8 as char).collect();
+        assert!(text.starts_with("Q: "), "{text:?}");
+        let kept: Vec<u32> = y
+            .iter()
+            .zip(m)
+            .filter(|(_, m)| **m == 1.0)
+            .map(|(t, _)| *t)
+            .collect();
+        let (answer, eot) = kept.split_at(kept.len() - 1);
+        assert_eq!(eot, [0], "the end-of-text is learned");
+        let answer: String = answer.iter().map(|&b| b as u8 as char).collect();
+        let (a, b) = text[3..]
+            .split_once('?')
+            .and_then(|(q, _)| q.split_once('+'))
+            .expect("a question");
+        let sum: u32 = a.parse::<u32>().expect("a") + b.parse::<u32>().expect("b");
+        assert_eq!(answer, sum.to_string(), "{text:?}");
+        // Real tokens: the example up to its end-of-text (the rest is padding).
+        real += y.iter().position(|&t| t == 0).map_or(0, |i| i + 1);
+    }
+    assert_eq!(
+        batch.tokens, real as u64,
+        "tokens count the unpadded inputs"
+    );
+}
