@@ -46,6 +46,8 @@ fn state(model: GptConfig, step: u64) -> TrainerState {
         training: Training::default().resolve(&Evaluation::default(), &PRETRAIN_DEFAULTS),
         dataset_digest: "bench".into(),
         tokenizer: "gpt2".into(),
+        base: None,
+        lora: None,
     }
 }
 

@@ -94,7 +94,7 @@ fn main() -> Result<(), BoxError> {
     let mut sampler = BatchSampler::new(training.seed as u64);
     let mut batches = std::io::BufWriter::new(std::fs::File::create(out.join("batches.bin"))?);
     for _ in 0..steps {
-        let (x, y) = sampler.batch(&train, batch, block, &dev)?;
+        let (x, y) = sampler.windows(&train, batch, block, &dev)?;
         for t in [x, y] {
             for id in t.flatten_all()?.to_vec1::<u32>()? {
                 let id = u16::try_from(id).map_err(|_| format!("token {id} exceeds u16"))?;
