@@ -48,6 +48,7 @@ fn state(model: GptConfig, step: u64) -> TrainerState {
         tokenizer: "gpt2".into(),
         base: None,
         lora: None,
+        llama: None,
     }
 }
 

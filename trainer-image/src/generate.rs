@@ -10,10 +10,7 @@ use taper_crds::finetune::CheckpointChoice;
 
 use crate::{
     job::JobError,
-    model::{
-        ModelError,
-        gpt::{ForwardCtx, Gpt},
-    },
+    model::{Model, ModelError, gpt::ForwardCtx},
     tokenizer::Tokenizer,
 };
 
@@ -57,7 +54,7 @@ pub fn instruction_prompt(instruction: &str) -> String {
 #[derive(Debug)]
 pub struct Generator {
     /// The model, without a gradient graph.
-    pub model: Gpt,
+    pub model: Model,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Where it runs.
@@ -74,7 +71,7 @@ impl Generator {
             crate::finetune::base::load(rt, uri, None, CheckpointChoice::Latest, &device, &staging);
         let _ = std::fs::remove_dir_all(&staging);
         let loaded = loaded?;
-        let model = Gpt::new(loaded.cfg, &loaded.params)
+        let model = Model::build(&loaded.arch, loaded.cfg, &loaded.params, None)
             .map_err(|e| JobError::Internal(e.to_string()))?
             .detached();
         let tokenizer = Tokenizer::load(rt, &loaded.tokenizer, None)?;
@@ -147,7 +144,7 @@ pub fn continuation(tok: &Tokenizer, prompt: &str, prompt_ids: &[u32], out: &[u3
 /// Only ids below `vocab` are sampled: a model's vocabulary is padded (GPT-2's 50,257 to
 /// 50,304), and the padding ids are no token of the tokenizer.
 pub fn sample_with(
-    model: &Gpt,
+    model: &Model,
     prompt: &[u32],
     vocab: usize,
     opts: &SampleOptions,
@@ -155,7 +152,7 @@ pub fn sample_with(
     stop: Option<u32>,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<Vec<u32>, ModelError> {
-    let block = model.config().block_size as usize;
+    let block = model.block_size();
     let mut ids = prompt.to_vec();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     for _ in 0..opts.max_tokens {
@@ -176,7 +173,7 @@ pub fn sample_with(
 
 /// Continue `prompt` by `opts.max_tokens` tokens (no stop token).
 pub fn sample(
-    model: &Gpt,
+    model: &Model,
     prompt: &[u32],
     vocab: usize,
     opts: &SampleOptions,

@@ -1,8 +1,8 @@
 //! Models to start from and to talk to: a Taper checkpoint (a PretrainJob's), or a model
-//! folder in Hugging Face GPT-2 layout (`config.json`, `model.safetensors` or sharded
-//! `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`, and optionally
-//! `tokenizer.json`) — a public GPT-2 copied to a bucket, or a model `taper finetune`
-//! exported.
+//! folder in Hugging Face layout, GPT-2 or Llama (`config.json`, `model.safetensors` or
+//! sharded `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`, and
+//! optionally `tokenizer.json`) — a public model copied to a bucket, or a model `taper
+//! finetune` exported.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -11,7 +11,12 @@ use taper_crds::{finetune::CheckpointChoice, model::GptConfig, store::StoreAcces
 
 use crate::{
     job::JobError,
-    model::{gpt::init_params, params::ParamStore},
+    model::{
+        Arch,
+        gpt::init_params,
+        llama::{self, LlamaConfig},
+        params::ParamStore,
+    },
     store::{self, ObjectStore, StoreError, join},
     train::checkpoint::{Checkpointer, Loaded},
 };
@@ -19,11 +24,14 @@ use crate::{
 /// A model loaded for finetuning or generation.
 #[derive(Debug)]
 pub struct LoadedModel {
-    /// Architecture.
+    /// Architecture: GPT-2's shape, or a Llama's summary (see `arch`).
     pub cfg: GptConfig,
+    /// GPT-2 or Llama.
+    pub arch: Arch,
     /// Weights.
     pub params: ParamStore,
-    /// Its tokenizer as manifests name it (`gpt2`, or a `tokenizer.json` URI).
+    /// Its tokenizer as manifests name it (`gpt2`, or a `tokenizer.json` URI); empty for
+    /// a Llama folder without `tokenizer.json`.
     pub tokenizer: String,
     /// What it is, for checkpoints: the URI of the checkpoint or folder it came from.
     pub identity: String,
@@ -98,6 +106,7 @@ fn from_checkpoint(uri: String, loaded: Loaded) -> Result<LoadedModel, JobError>
     }
     Ok(LoadedModel {
         cfg: loaded.state.model,
+        arch: loaded.state.llama.map_or(Arch::Gpt2, Arch::Llama),
         params,
         tokenizer: loaded.state.tokenizer,
         identity: uri,
@@ -110,7 +119,7 @@ pub fn gpt2_config(config: &serde_json::Value) -> Result<GptConfig, String> {
         && t != "gpt2"
     {
         return Err(format!(
-            "model_type {t:?}: only GPT-2 models load today (architecture: gpt2)"
+            "model_type {t:?}: GPT-2 (gpt2) and Llama (llama) models load"
         ));
     }
     let int = |key: &str| -> Result<i64, String> {
@@ -147,7 +156,14 @@ fn hugging_face(
     let bad = |m: String| data(format!("{uri}: {m}"));
     let config: serde_json::Value = serde_json::from_slice(&rt.block_on(store.get("config.json"))?)
         .map_err(|e| bad(format!("config.json: {e}")))?;
-    let cfg = gpt2_config(&config).map_err(bad)?;
+    let llama = match config.get("model_type").and_then(|v| v.as_str()) {
+        Some("llama") => Some(LlamaConfig::from_hf(&config).map_err(bad)?),
+        _ => None,
+    };
+    let cfg = match &llama {
+        Some(l) => l.summary(),
+        None => gpt2_config(&config).map_err(bad)?,
+    };
     // One file, or shards named by the index's weight map.
     let files: Vec<String> = if rt.block_on(exists(store, "model.safetensors"))? {
         vec!["model.safetensors".into()]
@@ -182,17 +198,28 @@ fn hugging_face(
         tensors.extend(loaded);
         let _ = std::fs::remove_file(&path);
     }
-    let params = init_params(&cfg, 0, device).map_err(|e| JobError::Internal(e.to_string()))?;
-    params
-        .load_from(&tensors)
-        .map_err(|e| bad(format!("the weights do not fit config.json: {e}")))?;
+    let unfit =
+        |e: crate::model::ModelError| bad(format!("the weights do not fit config.json: {e}"));
+    let params = match &llama {
+        Some(l) => llama::params_from_hf(l, &tensors).map_err(unfit)?,
+        None => {
+            let params =
+                init_params(&cfg, 0, device).map_err(|e| JobError::Internal(e.to_string()))?;
+            params.load_from(&tensors).map_err(unfit)?;
+            params
+        }
+    };
+    // GPT-2 folders often come without one (the BPE is built in); a Llama needs its own.
     let tokenizer = if rt.block_on(exists(store, "tokenizer.json"))? {
         join(uri, "tokenizer.json")
+    } else if llama.is_some() {
+        String::new()
     } else {
         "gpt2".to_string()
     };
     Ok(LoadedModel {
         cfg,
+        arch: llama.map_or(Arch::Gpt2, Arch::Llama),
         params,
         tokenizer,
         identity: uri.trim_end_matches('/').to_string(),

@@ -20,7 +20,7 @@ use candle_core::Tensor;
 use taper_crds::{finetune::Lora, model::GptConfig};
 
 use crate::{
-    model::lora,
+    model::{Arch, llama, lora},
     store::{ObjectStore, join, sha256_file},
 };
 
@@ -148,22 +148,50 @@ pub fn hf_tensors(
     Ok(out)
 }
 
-/// The files of an adapter folder.
+/// The files of an adapter folder: PEFT names its GPT-2 adapters under
+/// `base_model.model.transformer.` (Conv1D: `fan_in_fan_out`), its Llama ones under
+/// `base_model.model.`.
 pub fn adapter_files(
     adapters: &BTreeMap<String, Tensor>,
     settings: &Lora,
     base: &str,
+    arch: &Arch,
 ) -> Vec<(&'static str, File)> {
+    let (prefix, fan_in_fan_out) = match arch {
+        Arch::Gpt2 => (lora::PEFT_PREFIX, true),
+        Arch::Llama(_) => ("base_model.model.", false),
+    };
     vec![
         (
             "adapter_model.safetensors",
-            File::Tensors(lora::peft_tensors(adapters)),
+            File::Tensors(lora::peft_tensors(adapters, prefix)),
         ),
         (
             "adapter_config.json",
             File::Bytes(
-                serde_json::to_vec_pretty(&lora::peft_config(settings, base)).unwrap_or_default(),
+                serde_json::to_vec_pretty(&lora::peft_config(settings, base, fan_in_fan_out))
+                    .unwrap_or_default(),
             ),
         ),
     ]
+}
+
+/// The weights and `config.json` of a model folder in the base's own layout.
+pub fn model_files(
+    arch: &Arch,
+    cfg: &GptConfig,
+    weights: &BTreeMap<String, Tensor>,
+    eot: u32,
+) -> Result<Vec<(&'static str, File)>, ExportError> {
+    let (tensors, config) = match arch {
+        Arch::Gpt2 => (hf_tensors(cfg, weights)?, gpt2_config_json(cfg, eot)),
+        Arch::Llama(l) => (llama::hf_tensors(weights)?, l.to_hf(eot)),
+    };
+    Ok(vec![
+        ("model.safetensors", File::Tensors(tensors)),
+        (
+            "config.json",
+            File::Bytes(serde_json::to_vec_pretty(&config).unwrap_or_default()),
+        ),
+    ])
 }

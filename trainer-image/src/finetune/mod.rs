@@ -105,6 +105,11 @@ pub fn run(
         "Base model: {} ({} layers, {} wide, context {})",
         base.identity, base.cfg.n_layer, base.cfg.n_embd, base.cfg.block_size
     );
+    if base.tokenizer.is_empty() {
+        return Err(JobError::Spec(format!(
+            "{base_uri} has no tokenizer.json; a Llama is finetuned with its own tokenizer (put it beside config.json)"
+        )));
+    }
     if base.tokenizer != manifest.tokenizer {
         return Err(JobError::Spec(format!(
             "the base model's tokenizer ({}) is not the dataset's ({}); prepare the Dataset with the base's tokenizer",
@@ -131,8 +136,15 @@ pub fn run(
         MethodType::Full => Tuning::Full,
         MethodType::Lora => {
             let settings = job.spec.method.lora.clone();
-            lora::add_adapters(&mut params, &cfg, &settings, training.seed as u64, &device)
-                .map_err(|e| JobError::Spec(e.to_string()))?;
+            let linears = base.arch.linears(&cfg);
+            lora::add_adapters_to(
+                &mut params,
+                &linears,
+                &settings,
+                training.seed as u64,
+                &device,
+            )
+            .map_err(|e| JobError::Spec(e.to_string()))?;
             Tuning::Lora(settings)
         }
     };
@@ -143,6 +155,7 @@ pub fn run(
     let tokenizer = manifest.tokenizer.clone();
     let eot = manifest.eot_token;
     let identity = base.identity.clone();
+    let arch = base.arch;
     let export_staging = staging.join("export");
     let export = |trainer: &Trainer| -> Result<ProgressEvent, PretrainError> {
         let fail = |e: &dyn std::fmt::Display| PretrainError::Export(e.to_string());
@@ -165,7 +178,7 @@ pub fn run(
         };
         let mut weights = trainer.params().tensors();
         if let Some(settings) = trainer.tuning().lora() {
-            let files = export::adapter_files(&trained, settings, &identity);
+            let files = export::adapter_files(&trained, settings, &identity, &arch);
             let (uri, sha) = rt
                 .block_on(export::publish(
                     out_store.as_ref(),
@@ -181,21 +194,8 @@ pub fn run(
             weights.extend(trained);
         }
         if merge || trainer.tuning().lora().is_none() {
-            let mut files = vec![
-                (
-                    "model.safetensors",
-                    export::File::Tensors(
-                        export::hf_tensors(&cfg, &weights).map_err(|e| fail(&e))?,
-                    ),
-                ),
-                (
-                    "config.json",
-                    export::File::Bytes(
-                        serde_json::to_vec_pretty(&export::gpt2_config_json(&cfg, eot))
-                            .unwrap_or_default(),
-                    ),
-                ),
-            ];
+            let mut files =
+                export::model_files(&arch, &cfg, &weights, eot).map_err(|e| fail(&e))?;
             // A tokenizer.json travels with the model (`gpt2` is built in everywhere).
             let spool = crate::prepare::sources::Spool::new();
             if tokenizer.contains("://") {
@@ -224,6 +224,7 @@ pub fn run(
             params,
             tuning,
             identity: base.identity.clone(),
+            arch,
         })),
         export: Some(&export),
         training,

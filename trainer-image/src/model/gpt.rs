@@ -15,8 +15,10 @@ use rand_chacha::ChaCha8Rng;
 use taper_crds::model::GptConfig;
 
 use super::{
-    ModelError, lora,
-    ops::{conv1d_linear, frozen_linear, layer_norm, softmax_last_dim},
+    ModelError,
+    linear::{Adapter, Lin},
+    lora,
+    ops::{frozen_linear, layer_norm, softmax_last_dim},
     params::{Init, ParamStore, init_rng},
 };
 
@@ -46,69 +48,6 @@ impl Ln {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         layer_norm(x, &self.weight, self.bias.as_ref(), LN_EPS)
-    }
-}
-
-/// A LoRA adapter on a Linear layer (see [`super::lora`]).
-#[derive(Debug)]
-struct Adapter {
-    /// `[r, in]`.
-    a: Tensor,
-    /// `[out, r]`.
-    b: Tensor,
-    /// `alpha / r`.
-    scale: f64,
-    /// Dropout on the adapter's input.
-    dropout: f64,
-}
-
-#[derive(Debug)]
-struct Lin {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    /// Frozen: no gradient for the weight and bias (a LoRA base).
-    frozen: bool,
-    adapter: Option<Adapter>,
-}
-
-impl Lin {
-    fn detached(&self) -> Self {
-        Self {
-            weight: self.weight.detach(),
-            bias: self.bias.as_ref().map(Tensor::detach),
-            frozen: self.frozen,
-            adapter: self.adapter.as_ref().map(|a| Adapter {
-                a: a.a.detach(),
-                b: a.b.detach(),
-                scale: a.scale,
-                dropout: a.dropout,
-            }),
-        }
-    }
-
-    /// `x @ w + b` (plus the adapter's `dropout(x)·Aᵀ·Bᵀ·scale`) in `dtype`: input and
-    /// parameters are cast (a no-op in f32), and the output is in `dtype`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        dtype: DType,
-        rng: Option<&mut ChaCha8Rng>,
-    ) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(dtype)?;
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
-        let w = self.weight.to_dtype(dtype)?;
-        let y = if self.frozen {
-            frozen_linear(&x, &w, bias.as_ref())?
-        } else {
-            conv1d_linear(&x, &w, bias.as_ref())?
-        };
-        let Some(ad) = &self.adapter else {
-            return Ok(y);
-        };
-        let h = dropout(&x, ad.dropout, rng)?;
-        let h = conv1d_linear(&h, &ad.a.to_dtype(dtype)?.t()?, None)?;
-        let h = conv1d_linear(&h, &ad.b.to_dtype(dtype)?.t()?, None)?;
-        y + (h * ad.scale)?
     }
 }
 

@@ -39,44 +39,85 @@ pub fn scale(lora: &Lora) -> f64 {
     lora.alpha / lora.r.max(1) as f64
 }
 
-/// `(in, out)` of a block's Linear layer.
-fn in_out(cfg: &GptConfig, layer: &str) -> (usize, usize) {
-    let c = cfg.n_embd as usize;
-    match layer {
-        "attn.c_attn" => (c, 3 * c),
-        "mlp.c_fc" => (c, 4 * c),
-        "mlp.c_proj" => (4 * c, c),
-        _ => (c, c),
-    }
+/// A Linear layer a LoRA can adapt: its path (`h.0.attn.c_attn`) and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Linear {
+    /// Path of the layer; its weight is `{path}.weight`.
+    pub path: String,
+    /// Input features.
+    pub fan_in: usize,
+    /// Output features.
+    pub fan_out: usize,
 }
 
-/// The paths (`h.{i}.attn.c_attn`) of the layers `lora.targets` adapt, in block order.
-/// A target that matches no layer is an error naming the valid ones.
-pub fn adapted_layers(cfg: &GptConfig, lora: &Lora) -> Result<Vec<String>, ModelError> {
+/// The Linear layers of a GPT-2, in block order.
+pub fn gpt2_linears(cfg: &GptConfig) -> Vec<Linear> {
+    let c = cfg.n_embd as usize;
+    (0..cfg.n_layer)
+        .flat_map(|i| {
+            LINEAR_LAYERS.iter().map(move |l| {
+                let (fan_in, fan_out) = match *l {
+                    "attn.c_attn" => (c, 3 * c),
+                    "mlp.c_fc" => (c, 4 * c),
+                    "mlp.c_proj" => (4 * c, c),
+                    _ => (c, c),
+                };
+                Linear {
+                    path: format!("h.{i}.{l}"),
+                    fan_in,
+                    fan_out,
+                }
+            })
+        })
+        .collect()
+}
+
+/// The layers of `linears` that `lora.targets` adapt (see the module's comment). On a
+/// model without `c_attn` (Llama), `c_attn` means what it means on GPT-2: the query, key
+/// and value projections (`q_proj`, `k_proj`, `v_proj`). A target that matches no layer
+/// is an error naming the valid ones.
+pub fn adapted<'a>(linears: &'a [Linear], lora: &Lora) -> Result<Vec<&'a Linear>, ModelError> {
     let matches =
-        |layer: &str, target: &str| layer == target || layer.ends_with(&format!(".{target}"));
-    if let Some(bad) = lora
-        .targets
-        .iter()
-        .find(|t| !LINEAR_LAYERS.iter().any(|l| matches(l, t)))
-    {
+        |path: &str, target: &str| path == target || path.ends_with(&format!(".{target}"));
+    let has = |t: &str| linears.iter().any(|l| matches(&l.path, t));
+    let mut targets: Vec<&str> = Vec::new();
+    for t in &lora.targets {
+        if t == "c_attn" && !has("c_attn") {
+            targets.extend(["q_proj", "k_proj", "v_proj"]);
+        } else {
+            targets.push(t);
+        }
+    }
+    if let Some(bad) = targets.iter().find(|t| !has(t)) {
+        let mut names: Vec<&str> = linears
+            .iter()
+            .filter_map(|l| l.path.rsplit('.').next())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
         return Err(ModelError::Config(format!(
-            "method.lora.targets: {bad:?} matches no Linear layer of GPT-2; use c_attn, c_proj, attn.c_proj, c_fc or mlp.c_proj"
+            "method.lora.targets: {bad:?} matches no Linear layer of this model; its layers are {}",
+            names.join(", ")
         )));
     }
-    Ok((0..cfg.n_layer)
-        .flat_map(|i| {
-            LINEAR_LAYERS
-                .iter()
-                .filter(|l| lora.targets.iter().any(|t| matches(l, t)))
-                .map(move |l| format!("h.{i}.{l}"))
-        })
+    Ok(linears
+        .iter()
+        .filter(|l| targets.iter().any(|t| matches(&l.path, t)))
         .collect())
 }
 
-/// The adapter tensors for `cfg` and `lora`: (name, shape, initialisation).
-pub fn adapter_specs(
-    cfg: &GptConfig,
+/// The paths (`h.{i}.attn.c_attn`) of the GPT-2 layers `lora.targets` adapt.
+pub fn adapted_layers(cfg: &GptConfig, lora: &Lora) -> Result<Vec<String>, ModelError> {
+    Ok(adapted(&gpt2_linears(cfg), lora)?
+        .into_iter()
+        .map(|l| l.path.clone())
+        .collect())
+}
+
+/// The adapter tensors of the layers of `linears` that `lora` adapts: (name, shape,
+/// initialisation).
+pub fn adapter_specs_for(
+    linears: &[Linear],
     lora: &Lora,
 ) -> Result<Vec<(String, Vec<usize>, Init)>, ModelError> {
     if lora.r <= 0 {
@@ -84,21 +125,42 @@ pub fn adapter_specs(
     }
     let r = lora.r as usize;
     let mut specs = Vec::new();
-    for path in adapted_layers(cfg, lora)? {
-        let layer = path.splitn(3, '.').nth(2).unwrap_or_default();
-        let (fan_in, fan_out) = in_out(cfg, layer);
+    for l in adapted(linears, lora)? {
         specs.push((
-            format!("{path}.lora_A.weight"),
-            vec![r, fan_in],
-            Init::Uniform(1.0 / (fan_in as f64).sqrt()),
+            format!("{}.lora_A.weight", l.path),
+            vec![r, l.fan_in],
+            Init::Uniform(1.0 / (l.fan_in as f64).sqrt()),
         ));
         specs.push((
-            format!("{path}.lora_B.weight"),
-            vec![fan_out, r],
+            format!("{}.lora_B.weight", l.path),
+            vec![l.fan_out, r],
             Init::Const(0.0),
         ));
     }
     Ok(specs)
+}
+
+/// The adapter tensors for a GPT-2 of `cfg` and `lora`.
+pub fn adapter_specs(
+    cfg: &GptConfig,
+    lora: &Lora,
+) -> Result<Vec<(String, Vec<usize>, Init)>, ModelError> {
+    adapter_specs_for(&gpt2_linears(cfg), lora)
+}
+
+/// Add freshly initialised adapters for the layers of `linears` to `params`, from `seed`.
+pub fn add_adapters_to(
+    params: &mut ParamStore,
+    linears: &[Linear],
+    lora: &Lora,
+    seed: u64,
+    device: &Device,
+) -> Result<(), ModelError> {
+    let mut rng = init_rng(seed);
+    for (name, shape, init) in adapter_specs_for(linears, lora)? {
+        params.insert_init(&name, &shape, init, &mut rng, device)?;
+    }
+    Ok(())
 }
 
 /// Add freshly initialised adapters to `params` (which hold the base), from `seed`.
@@ -109,11 +171,7 @@ pub fn add_adapters(
     seed: u64,
     device: &Device,
 ) -> Result<(), ModelError> {
-    let mut rng = init_rng(seed);
-    for (name, shape, init) in adapter_specs(cfg, lora)? {
-        params.insert_init(&name, &shape, init, &mut rng, device)?;
-    }
-    Ok(())
+    add_adapters_to(params, &gpt2_linears(cfg), lora, seed, device)
 }
 
 /// The base weights with the adapters folded in: `W + (alpha/r)·(B·A)ᵀ` for every adapted
@@ -148,17 +206,18 @@ pub fn merge(
     Ok(out)
 }
 
-/// The adapters under PEFT's names (see the module's comment).
-pub fn peft_tensors(adapters: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+/// The adapters under PEFT's names, `prefix` ([`PEFT_PREFIX`] for GPT-2) before ours.
+pub fn peft_tensors(adapters: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
     adapters
         .iter()
         .filter(|(name, _)| is_adapter(name))
-        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t.clone()))
+        .map(|(name, t)| (format!("{prefix}{name}"), t.clone()))
         .collect()
 }
 
-/// PEFT's `adapter_config.json` for these adapters of the model at `base`.
-pub fn peft_config(lora: &Lora, base: &str) -> serde_json::Value {
+/// PEFT's `adapter_config.json` for these adapters of the model at `base`;
+/// `fan_in_fan_out` is true for GPT-2's Conv1D layers.
+pub fn peft_config(lora: &Lora, base: &str, fan_in_fan_out: bool) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -167,7 +226,7 @@ pub fn peft_config(lora: &Lora, base: &str) -> serde_json::Value {
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": lora.targets,
-        "fan_in_fan_out": true,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "inference_mode": true,
     })
@@ -214,7 +273,10 @@ mod tests {
             ["h.0.mlp.c_proj", "h.1.mlp.c_proj"]
         );
         let err = adapted_layers(&cfg(), &lora(&["q_proj"])).expect_err("no such layer");
-        assert!(err.to_string().contains("\"q_proj\""), "{err}");
+        assert!(
+            err.to_string().contains("\"q_proj\"") && err.to_string().contains("c_attn, c_fc"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct TrainerState {
     /// LoRA finetuning: the adapters' settings (the checkpoint holds only the adapters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<taper_crds::finetune::Lora>,
+    /// A Llama's architecture (`model` then holds its summary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llama: Option<crate::model::llama::LlamaConfig>,
 }
 
 /// One file of a checkpoint as recorded in its manifest.

@@ -37,7 +37,7 @@ use super::{
 use crate::{
     metrics::Metrics,
     model::{
-        ModelError,
+        Arch, ModelError,
         gpt::{flops_per_token, init_params},
         params::ParamStore,
     },
@@ -63,6 +63,8 @@ pub enum ModelInit {
 pub struct BaseModel {
     /// Its weights, with fresh adapters for LoRA.
     pub params: ParamStore,
+    /// Its architecture (the run's `model` is GPT-2's shape, or a Llama's summary).
+    pub arch: Arch,
     /// What is trained.
     pub tuning: Tuning,
     /// Its identity (URI, and the sha256 of a checkpoint's manifest), recorded in
@@ -288,19 +290,25 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
     let sink = run.events;
     let emit = |event: ProgressEvent| emit_to(sink, event);
     let ckpt = Checkpointer::new(run.store, run.staging.clone());
-    let (params, tuning, base) = match run.init {
+    let (params, tuning, base, arch) = match run.init {
         ModelInit::Fresh => (
             init_params(&run.model, run.training.seed as u64, &run.device)?,
             Tuning::Full,
             None,
+            Arch::Gpt2,
         ),
-        ModelInit::Base(b) => (b.params, b.tuning, Some(b.identity)),
+        ModelInit::Base(b) => (b.params, b.tuning, Some(b.identity), b.arch),
+    };
+    let llama = match arch {
+        Arch::Llama(l) => Some(l),
+        Arch::Gpt2 => None,
     };
     // nanoGPT counts parameters without the position embedding.
     let n_params = params.numel() - (run.model.block_size * run.model.n_embd) as usize;
     let lora = tuning.lora().cloned();
-    let mut trainer = Trainer::with_tuning(
+    let mut trainer = Trainer::build(
         run.model,
+        &arch,
         run.training.clone(),
         params,
         run.device.clone(),
@@ -395,6 +403,7 @@ pub fn run(rt: &tokio::runtime::Runtime, run: PretrainRun<'_>) -> Result<Outcome
         tokenizer: run.tokenizer.clone(),
         base: base.clone(),
         lora: lora.clone(),
+        llama,
     };
     // Write a snapshot to the store and apply retention; runs on the upload thread.
     let upload = |snapshot: Snapshot, stall: f64| -> Result<(), PretrainError> {

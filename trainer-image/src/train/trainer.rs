@@ -15,10 +15,7 @@ use super::{
     schedule::CosineSchedule,
 };
 use crate::model::{
-    ModelError,
-    gpt::{ForwardCtx, Gpt},
-    ops::cross_entropy,
-    params::ParamStore,
+    Arch, Model, ModelError, gpt::ForwardCtx, ops::cross_entropy, params::ParamStore,
 };
 
 /// Why a step failed.
@@ -98,9 +95,9 @@ pub struct Trainer {
     cfg: GptConfig,
     train: ResolvedTraining,
     params: ParamStore,
-    model: Gpt,
+    model: Model,
     /// The same parameters, detached: evaluation builds no gradient graph.
-    eval_model: Gpt,
+    eval_model: Model,
     optim: AdamW,
     schedule: CosineSchedule,
     sampler: BatchSampler,
@@ -118,7 +115,7 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer over `params` (fresh or restored) with every parameter trainable. The
     /// parameters are the master weights, f32 in either precision: with `bf16` the model
-    /// computes in bf16 from casts of them (see [`Gpt::with_compute_dtype`]).
+    /// computes in bf16 from casts of them (see [`crate::model::gpt::Gpt::with_compute_dtype`]).
     pub fn new(
         cfg: GptConfig,
         train: ResolvedTraining,
@@ -137,11 +134,21 @@ impl Trainer {
         device: Device,
         tuning: Tuning,
     ) -> Result<Self, StepError> {
-        let model = match &tuning {
-            Tuning::Full => Gpt::new(cfg, &params)?,
-            Tuning::Lora(l) => Gpt::with_lora(cfg, &params, l)?,
-        }
-        .with_compute_dtype(compute_dtype(train.precision));
+        Self::build(cfg, &Arch::Gpt2, train, params, device, tuning)
+    }
+
+    /// A trainer of a model of `arch` (GPT-2's shape, or the summary of a Llama, in
+    /// `cfg`); see [`Trainer::with_tuning`].
+    pub fn build(
+        cfg: GptConfig,
+        arch: &Arch,
+        train: ResolvedTraining,
+        params: ParamStore,
+        device: Device,
+        tuning: Tuning,
+    ) -> Result<Self, StepError> {
+        let model = Model::build(arch, cfg, &params, tuning.lora())?
+            .with_compute_dtype(compute_dtype(train.precision));
         let eval_model = model.detached();
         let optim = AdamW::new(
             &params,
@@ -244,7 +251,7 @@ impl Trainer {
     }
 
     /// The detached model, for sampling.
-    pub fn eval_model(&self) -> &Gpt {
+    pub fn eval_model(&self) -> &Model {
         &self.eval_model
     }
 
@@ -334,7 +341,7 @@ impl Trainer {
 
 /// Mean cross-entropy of `model` on one batch (over the masked targets, if masked).
 pub fn batch_loss(
-    model: &Gpt,
+    model: &Model,
     batch: &Batch,
     ctx: &mut ForwardCtx<'_>,
 ) -> Result<Tensor, StepError> {

@@ -12,6 +12,7 @@ use serde_json::json;
 use taper_crds::{finetune::Lora, model::GptConfig};
 use taper_trainer::{
     model::{
+        Arch, Model,
         gpt::{ForwardCtx, Gpt, init_params},
         lora,
         params::ParamStore,
@@ -144,12 +145,12 @@ fn gradients_reach_every_adapter_match_finite_differences_and_spare_the_base() {
         .batch(&train, 3, 24, &Device::Cpu)
         .expect("batch");
     let loss_of = |p: &ParamStore| -> f64 {
-        let m = Gpt::with_lora(cfg, p, &l).expect("model");
+        let m = Model::Gpt(Gpt::with_lora(cfg, p, &l).expect("model"));
         batch_loss(&m, &batch, &mut ForwardCtx::default())
             .and_then(|l| Ok(l.to_scalar::<f64>()?))
             .expect("loss")
     };
-    let model = Gpt::with_lora(cfg, &params, &l).expect("model");
+    let model = Model::Gpt(Gpt::with_lora(cfg, &params, &l).expect("model"));
     let grads = batch_loss(&model, &batch, &mut ForwardCtx::default())
         .expect("loss")
         .backward()
@@ -206,6 +207,7 @@ fn a_finetuning_run_resumes_bit_identically_and_only_onto_its_base() {
                     params: with_adapters(&cfg, 4, l, DType::F32),
                     tuning: Tuning::Lora(l.clone()),
                     identity: "file://base".into(),
+                    arch: Arch::Gpt2,
                 })),
                 stop_after,
                 ..tiny_run(

@@ -127,3 +127,134 @@ fn a_gpt2_saved_by_transformers_gives_its_logits_and_exports_back() {
     let err = load(&bad, &tmp.path().join("c")).expect_err("refused");
     assert!(err.contains("h.2.") && err.contains("missing"), "{err}");
 }
+
+fn llama_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-llama-tiny")
+}
+
+/// A Llama saved by `transformers` (grouped-query attention, rotary embeddings, RMSNorm,
+/// SwiGLU, untied head): the same logits; with LoRA on every projection, gradients reach
+/// every adapter and no base weight, and the merged model (in Llama's `[out, in]` layout,
+/// reloaded) computes what base + adapters compute.
+#[test]
+fn a_llama_saved_by_transformers_gives_its_logits_and_takes_a_lora() {
+    use taper_crds::finetune::Lora;
+    use taper_trainer::model::{Arch, Model, lora, params::ParamStore};
+    let tmp = TempDir::new("hf-llama");
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(llama_fixture().join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    let model = load(&llama_fixture(), &tmp.path().join("a")).expect("loads");
+    let Arch::Llama(cfg) = model.arch else {
+        panic!("not read as a Llama: {:?}", model.arch)
+    };
+    assert_eq!(
+        (cfg.n_head, cfg.n_kv_head, cfg.tie_embeddings),
+        (4, 2, false)
+    );
+    let ids: Vec<Vec<u32>> = serde_json::from_value(expected["input_ids"].clone()).expect("ids");
+    let ids = Tensor::new(ids, &Device::Cpu).expect("ids");
+    let want: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(expected["logits"].clone()).expect("logits");
+    let want: Vec<f32> = want.into_iter().flatten().flatten().collect();
+    let forward = |m: &Model| -> Vec<f32> {
+        m.forward(&ids, &mut ForwardCtx::default())
+            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
+            .expect("forward")
+    };
+    let plain = Model::build(&model.arch, model.cfg, &model.params, None).expect("model");
+    let got = forward(&plain);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
+
+    // LoRA on every projection (B made non-zero, as after some training).
+    let settings = Lora {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let mut params = ParamStore::new();
+    for (name, t) in model.params.tensors() {
+        params
+            .insert_tensor(&name, &t.copy().expect("copy"))
+            .expect("insert");
+    }
+    lora::add_adapters_to(&mut params, &cfg.linears(), &settings, 1, &Device::Cpu)
+        .expect("adapters");
+    for (name, var) in params.iter() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).expect("randn"))
+                .expect("set");
+        }
+    }
+    let adapted = Model::build(&model.arch, model.cfg, &params, Some(&settings)).expect("lora");
+    let loss = adapted
+        .forward(&ids, &mut ForwardCtx::default())
+        .and_then(|l| Ok(l.sqr()?.mean_all()?))
+        .expect("loss");
+    let grads = loss.backward().expect("backward");
+    let mut adapters = 0;
+    for (name, var) in params.iter() {
+        let g = grads.get(var.as_tensor());
+        if lora::is_adapter(name) {
+            let g = g.unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g
+                .sqr()
+                .and_then(|g| g.sum_all())
+                .and_then(|g| g.to_scalar::<f32>());
+            assert!(norm.expect("norm") > 0.0, "{name}: zero gradient");
+            adapters += 1;
+        } else {
+            assert!(g.is_none(), "{name}: the frozen base gets no gradient");
+        }
+    }
+    assert_eq!(
+        adapters,
+        2 * 7 * 2,
+        "two tensors on seven projections in two layers"
+    );
+
+    let trained: std::collections::BTreeMap<_, _> = params
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| lora::is_adapter(n))
+        .collect();
+    let merged = lora::merge(&params.tensors(), &trained, &settings).expect("merge");
+    let store = LocalStore::new(tmp.path().join("out"));
+    let files = export::model_files(&model.arch, &model.cfg, &merged, 2).expect("files");
+    runtime()
+        .block_on(export::publish(
+            &store,
+            "model",
+            files,
+            &tmp.path().join("stage"),
+        ))
+        .expect("publish");
+    let back = load(&tmp.path().join("out/model"), &tmp.path().join("b")).expect("reloads");
+    assert_eq!(back.arch, model.arch);
+    let reloaded = Model::build(&back.arch, back.cfg, &back.params, None).expect("model");
+    let (a, b) = (forward(&adapted), forward(&reloaded));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 2e-5, "merged Llama differs by {diff}");
+    assert!(a != got, "the adapters change the model");
+}
