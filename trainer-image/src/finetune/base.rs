@@ -209,6 +209,27 @@ fn hugging_face(
             params
         }
     };
+    // Tensors the model does not use: buffers a checkpoint may carry (GPT-2's causal
+    // masks, Llama's rotary frequencies, a tied head's copy) are expected; anything else
+    // is reported, since it may mean a different architecture than config.json says.
+    let extra: Vec<&String> = tensors
+        .keys()
+        .filter(|n| {
+            !params.contains(n)
+                && !params.contains(n.trim_start_matches("transformer."))
+                && !(n.ends_with(".attn.bias")
+                    || n.ends_with(".attn.masked_bias")
+                    || n.ends_with("rotary_emb.inv_freq")
+                    || *n == "lm_head.weight")
+        })
+        .collect();
+    if !extra.is_empty() {
+        tracing::warn!(
+            "{uri}: {} tensors the model does not use, e.g. {:?}",
+            extra.len(),
+            &extra[..extra.len().min(5)]
+        );
+    }
     // GPT-2 folders often come without one (the BPE is built in); a Llama needs its own.
     let tokenizer = if rt.block_on(exists(store, "tokenizer.json"))? {
         join(uri, "tokenizer.json")
