@@ -42,13 +42,22 @@ fn answer(
     out: &mut dyn Write,
 ) -> Result<String, JobError> {
     let mut failed = None;
+    let mut shown = false;
     let text = generator.stream(&template.apply(question), opts, &mut |piece| {
+        shown = true;
         if failed.is_none()
             && let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush())
         {
             failed = Some(e);
         }
     })?;
+    // A decoder that rewrote earlier text stops the stream; the answer is shown whole.
+    if failed.is_none()
+        && !shown
+        && let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+    {
+        failed = Some(e);
+    }
     match failed {
         Some(e) => Err(JobError::Internal(format!("writing the answer: {e}"))),
         None => Ok(text),

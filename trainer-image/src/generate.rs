@@ -153,6 +153,11 @@ pub fn sample_with(
     on_token: &mut dyn FnMut(u32),
 ) -> Result<Vec<u32>, ModelError> {
     let block = model.block_size();
+    if prompt.is_empty() || vocab == 0 {
+        return Err(ModelError::Config(
+            "generation needs a prompt and a vocabulary".into(),
+        ));
+    }
     let mut ids = prompt.to_vec();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     for _ in 0..opts.max_tokens {
@@ -161,7 +166,7 @@ pub fn sample_with(
         let logits = model.forward(&x, &mut ForwardCtx::default())?;
         let last = logits.squeeze(0)?.narrow(0, ctx.len() - 1, 1)?.squeeze(0)?;
         let last = last.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let chosen = choose(&last[..vocab.clamp(1, last.len())], opts, &mut rng);
+        let chosen = choose(&last[..vocab.min(last.len())], opts, &mut rng);
         ids.push(chosen);
         on_token(chosen);
         if Some(chosen) == stop {
@@ -226,30 +231,6 @@ pub fn choose(logits: &[f32], opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32
         r -= w;
     }
     scores.last().map_or_else(argmax, |s| s.0 as u32)
-}
-
-/// Load the model at `uri` (see [`Generator::load`]) and continue `prompt`.
-pub fn from_checkpoint(
-    rt: &tokio::runtime::Runtime,
-    uri: &str,
-    prompt: &str,
-    opts: &SampleOptions,
-) -> Result<String, JobError> {
-    let generator = Generator::load(rt, uri)?;
-    let tok = &generator.tokenizer;
-    let mut ids = tok.encode_prompt(prompt)?;
-    if ids.is_empty() {
-        ids.push(0);
-    }
-    let out = sample(
-        &generator.model,
-        &ids,
-        tok.vocab_size() as usize,
-        opts,
-        &generator.device,
-    )
-    .map_err(|e| JobError::Internal(e.to_string()))?;
-    Ok(continuation(tok, prompt, &ids, &out))
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ impl JobError {
                     Category::InvalidSpec
                 }
                 PretrainError::Checkpoint(CheckpointError::Store(s)) => s.category(),
+                PretrainError::Export(e) => e.category(),
                 _ => Category::Internal,
             },
         }

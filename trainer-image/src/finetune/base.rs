@@ -7,6 +7,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use candle_core::{Device, Tensor};
+use sha2::Digest;
 use taper_crds::{finetune::CheckpointChoice, model::GptConfig, store::StoreAccess};
 
 use crate::{
@@ -33,7 +34,9 @@ pub struct LoadedModel {
     /// Its tokenizer as manifests name it (`gpt2`, or a `tokenizer.json` URI); empty for
     /// a Llama folder without `tokenizer.json`.
     pub tokenizer: String,
-    /// What it is, for checkpoints: the URI of the checkpoint or folder it came from.
+    /// What it is, for checkpoints: the URI of the checkpoint or folder it came from and a
+    /// sha256 of its contents (a checkpoint's manifest; a folder's `config.json` and
+    /// weight files).
     pub identity: String,
 }
 
@@ -45,12 +48,13 @@ fn data(message: String) -> JobError {
     JobError::Data(message)
 }
 
+/// Whether `key` exists (listed, not downloaded: it may be a model of gigabytes).
 async fn exists(store: &dyn ObjectStore, key: &str) -> Result<bool, StoreError> {
-    match store.get(key).await {
-        Ok(_) => Ok(true),
-        Err(StoreError::NotFound(_)) => Ok(false),
-        Err(e) => Err(e),
-    }
+    Ok(store.list(key).await?.iter().any(|o| o.key == key))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Load the model at `uri`: a Taper checkpoint folder (`manifest.json` and `state.json`),
@@ -72,7 +76,8 @@ pub fn load(
             .block_on(ckpt.load_root(device))
             .map_err(corrupt)?
             .ok_or_else(|| data(format!("{uri}: the checkpoint has no manifest.json")))?;
-        return from_checkpoint(uri.trim_end_matches('/').to_string(), loaded);
+        let manifest = rt.block_on(store.get(crate::train::checkpoint::MANIFEST))?;
+        return from_checkpoint(uri.trim_end_matches('/').to_string(), &manifest, loaded);
     }
     if rt.block_on(exists(store, "config.json"))? {
         return hugging_face(rt, store, uri, device, staging);
@@ -89,10 +94,14 @@ pub fn load(
         ))
     })?;
     let loaded = rt.block_on(ckpt.load(&chosen, device)).map_err(corrupt)?;
-    from_checkpoint(ckpt.uri_of(&chosen.dir), loaded)
+    let manifest =
+        rt.block_on(store.get(&join(&chosen.dir, crate::train::checkpoint::MANIFEST)))?;
+    from_checkpoint(ckpt.uri_of(&chosen.dir), &manifest, loaded)
 }
 
-fn from_checkpoint(uri: String, loaded: Loaded) -> Result<LoadedModel, JobError> {
+/// A checkpoint's model; its identity is its URI and the sha256 of its manifest (which
+/// holds every file's sha256), so a base replaced under the same URI is another base.
+fn from_checkpoint(uri: String, manifest: &[u8], loaded: Loaded) -> Result<LoadedModel, JobError> {
     if loaded.state.lora.is_some() {
         return Err(spec(format!(
             "{uri} is a LoRA finetuning checkpoint (adapters only); use the model its FinetuneJob exported (output.merge)"
@@ -109,7 +118,7 @@ fn from_checkpoint(uri: String, loaded: Loaded) -> Result<LoadedModel, JobError>
         arch: loaded.state.llama.map_or(Arch::Gpt2, Arch::Llama),
         params,
         tokenizer: loaded.state.tokenizer,
-        identity: uri,
+        identity: format!("{uri} sha256:{}", sha256_hex(manifest)),
     })
 }
 
@@ -135,7 +144,7 @@ pub fn gpt2_config(config: &serde_json::Value) -> Result<GptConfig, String> {
             "config.json: activation_function {act:?}; Taper's GPT-2 uses the exact (erf) GELU, which differs from the tanh approximation by less than 1e-3"
         );
     }
-    Ok(GptConfig {
+    let cfg = GptConfig {
         n_layer: int("n_layer")?,
         n_head: int("n_head")?,
         n_embd: int("n_embd")?,
@@ -143,7 +152,23 @@ pub fn gpt2_config(config: &serde_json::Value) -> Result<GptConfig, String> {
         vocab_size: int("vocab_size")?,
         dropout: 0.0,
         bias: true,
-    })
+    };
+    if [
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.block_size,
+        cfg.vocab_size,
+    ]
+    .iter()
+    .any(|v| *v <= 0)
+        || cfg.n_embd % cfg.n_head != 0
+    {
+        return Err(format!(
+            "n_layer, n_head, n_embd, n_positions and vocab_size must be positive and n_head must divide n_embd: {cfg:?}"
+        ));
+    }
+    Ok(cfg)
 }
 
 fn hugging_face(
@@ -154,8 +179,11 @@ fn hugging_face(
     staging: &Path,
 ) -> Result<LoadedModel, JobError> {
     let bad = |m: String| data(format!("{uri}: {m}"));
-    let config: serde_json::Value = serde_json::from_slice(&rt.block_on(store.get("config.json"))?)
-        .map_err(|e| bad(format!("config.json: {e}")))?;
+    let config_bytes = rt.block_on(store.get("config.json"))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config.json: {e}")))?;
+    let mut identity = sha2::Sha256::new();
+    identity.update(&config_bytes);
     let llama = match config.get("model_type").and_then(|v| v.as_str()) {
         Some("llama") => Some(LlamaConfig::from_hf(&config).map_err(bad)?),
         _ => None,
@@ -193,6 +221,8 @@ fn hugging_face(
     for file in &files {
         let path = local.join(file.replace('/', "_"));
         rt.block_on(store.get_file(file, &path))?;
+        let (_, sha) = store::sha256_file(&path).map_err(|e| JobError::Internal(e.to_string()))?;
+        identity.update(sha.as_bytes());
         let loaded = candle_core::safetensors::load(&path, device)
             .map_err(|e| bad(format!("{file}: {e}")))?;
         tensors.extend(loaded);
@@ -215,12 +245,12 @@ fn hugging_face(
     let extra: Vec<&String> = tensors
         .keys()
         .filter(|n| {
-            !params.contains(n)
-                && !params.contains(n.trim_start_matches("transformer."))
-                && !(n.ends_with(".attn.bias")
-                    || n.ends_with(".attn.masked_bias")
-                    || n.ends_with("rotary_emb.inv_freq")
-                    || *n == "lm_head.weight")
+            let used = params.contains(n) || params.contains(n.trim_start_matches("transformer."));
+            let buffer = n.ends_with(".attn.bias")
+                || n.ends_with(".attn.masked_bias")
+                || n.ends_with("rotary_emb.inv_freq")
+                || *n == "lm_head.weight";
+            !(used || buffer)
         })
         .collect();
     if !extra.is_empty() {
@@ -243,6 +273,10 @@ fn hugging_face(
         arch: llama.map_or(Arch::Gpt2, Arch::Llama),
         params,
         tokenizer,
-        identity: uri.trim_end_matches('/').to_string(),
+        identity: format!(
+            "{} sha256:{}",
+            uri.trim_end_matches('/'),
+            hex::encode(identity.finalize())
+        ),
     })
 }

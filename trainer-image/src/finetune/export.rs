@@ -39,6 +39,20 @@ pub enum ExportError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// The tokenizer to ship with the model could not be read.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::prepare::PrepareError),
+}
+
+impl ExportError {
+    /// The failure's category: a store outage is retryable, the rest is not.
+    pub fn category(&self) -> taper_crds::exit::Category {
+        match self {
+            Self::Store(e) => e.category(),
+            Self::Tokenizer(e) => e.category(),
+            _ => taper_crds::exit::Category::Internal,
+        }
+    }
 }
 
 /// One file of a folder to publish.
@@ -156,12 +170,26 @@ pub fn adapter_files(
     settings: &Lora,
     base: &str,
     arch: &Arch,
-) -> Vec<(&'static str, File)> {
+    cfg: &GptConfig,
+) -> Result<Vec<(&'static str, File)>, ExportError> {
     let (prefix, fan_in_fan_out) = match arch {
         Arch::Gpt2 => (lora::PEFT_PREFIX, true),
         Arch::Llama(_) => ("base_model.model.", false),
     };
-    vec![
+    // PEFT's target_modules as resolved (Llama's `c_attn` is q, k and v_proj).
+    let linears = arch.linears(cfg);
+    let mut modules: Vec<String> = lora::adapted(&linears, settings)?
+        .into_iter()
+        .filter_map(|l| l.path.rsplit('.').next().map(str::to_string))
+        .collect();
+    modules.sort();
+    modules.dedup();
+    let settings = Lora {
+        targets: modules,
+        ..settings.clone()
+    };
+    let settings = &settings;
+    Ok(vec![
         (
             "adapter_model.safetensors",
             File::Tensors(lora::peft_tensors(adapters, prefix)),
@@ -173,7 +201,7 @@ pub fn adapter_files(
                     .unwrap_or_default(),
             ),
         ),
-    ]
+    ])
 }
 
 /// The weights and `config.json` of a model folder in the base's own layout.

@@ -18,6 +18,7 @@ use crate::{
     job::{JobError, PretrainOptions, open_data, run_reporting, serve_metrics},
     model::lora,
     store::{self, join},
+    tokenizer::Tokenizer,
     train::{
         checkpoint::Checkpointer,
         pretrain::{BaseModel, ModelInit, Outcome, PretrainError, PretrainRun},
@@ -61,6 +62,21 @@ fn base_location(
     Ok((uri, pj.spec.checkpoints.access.clone(), r.checkpoint))
 }
 
+/// Whether the tokenizers named `a` and `b` (`gpt2`, or `tokenizer.json` URIs) are the
+/// same: the same name, the same file contents, or the same ids for a probe text and the
+/// same vocabulary and end-of-text token (a GPT-2 folder's `tokenizer.json` against the
+/// built-in `gpt2`).
+fn same_tokenizer(rt: &tokio::runtime::Runtime, a: &str, b: &str) -> Result<bool, JobError> {
+    if a == b {
+        return Ok(true);
+    }
+    let (ta, tb) = (Tokenizer::load(rt, a, None)?, Tokenizer::load(rt, b, None)?);
+    let probe = "Taper's tokenizer check: naïve café, 1234 + 5678 = 6912.\n\tdef f(x): return x**2";
+    Ok(ta.vocab_size() == tb.vocab_size()
+        && ta.eot() == tb.eot()
+        && ta.encode(probe)? == tb.encode(probe)?)
+}
+
 /// Run the FinetuneJob of `objects` (the job file's contents).
 pub fn run(
     rt: &tokio::runtime::Runtime,
@@ -73,10 +89,18 @@ pub fn run(
     let ds_name = &job.spec.dataset_ref.name;
     let dataset = find_one(objects, TaperObject::as_dataset, Some(ds_name)).ok();
     let (manifest, train, test) = open_data(rt, dataset, ds_name, &opts)?;
-    if !train.is_masked() {
-        return Err(JobError::Spec(format!(
-            "Dataset {ds_name} is not an instruction dataset (format: instruction): its shards have no loss masks"
-        )));
+    for (split, data) in [("train", &train), ("test", &test)] {
+        if !data.is_masked() {
+            return Err(JobError::Spec(format!(
+                "Dataset {ds_name} is not an instruction dataset (format: instruction): its {split} shards have no loss masks"
+            )));
+        }
+        if data.examples() == 0 {
+            return Err(JobError::Data(format!(
+                "Dataset {ds_name}: its {split} split holds no example (none ends with the end-of-text token {})",
+                manifest.eot_token
+            )));
+        }
     }
     let output = job
         .spec
@@ -105,12 +129,23 @@ pub fn run(
         "Base model: {} ({} layers, {} wide, context {})",
         base.identity, base.cfg.n_layer, base.cfg.n_embd, base.cfg.block_size
     );
+    if let Some(want) = job.spec.base_model.architecture {
+        let is = match base.arch {
+            crate::model::Arch::Gpt2 => taper_crds::finetune::Architecture::Gpt2,
+            crate::model::Arch::Llama(_) => taper_crds::finetune::Architecture::Llama,
+        };
+        if want != is {
+            return Err(JobError::Spec(format!(
+                "spec.baseModel.architecture is {want:?}, but {base_uri} is a {is:?} model"
+            )));
+        }
+    }
     if base.tokenizer.is_empty() {
         return Err(JobError::Spec(format!(
             "{base_uri} has no tokenizer.json; a Llama is finetuned with its own tokenizer (put it beside config.json)"
         )));
     }
-    if base.tokenizer != manifest.tokenizer {
+    if !same_tokenizer(rt, &base.tokenizer, &manifest.tokenizer)? {
         return Err(JobError::Spec(format!(
             "the base model's tokenizer ({}) is not the dataset's ({}); prepare the Dataset with the base's tokenizer",
             base.tokenizer, manifest.tokenizer
@@ -158,7 +193,6 @@ pub fn run(
     let arch = base.arch;
     let export_staging = staging.join("export");
     let export = |trainer: &Trainer| -> Result<ProgressEvent, PretrainError> {
-        let fail = |e: &dyn std::fmt::Display| PretrainError::Export(e.to_string());
         // The best checkpoint's weights (the one evaluation liked most), else the last.
         let ckpt = Checkpointer::new(store.as_ref(), export_staging.join("best"));
         let best = rt.block_on(ckpt.best())?;
@@ -178,7 +212,8 @@ pub fn run(
         };
         let mut weights = trainer.params().tensors();
         if let Some(settings) = trainer.tuning().lora() {
-            let files = export::adapter_files(&trained, settings, &identity, &arch);
+            let files = export::adapter_files(&trained, settings, &identity, &arch, &cfg)
+                .map_err(Box::new)?;
             let (uri, sha) = rt
                 .block_on(export::publish(
                     out_store.as_ref(),
@@ -186,7 +221,7 @@ pub fn run(
                     files,
                     &export_staging,
                 ))
-                .map_err(|e| fail(&e))?;
+                .map_err(Box::new)?;
             event.adapter_uri = Some(uri);
             event.adapter_sha256 = Some(sha);
             weights = lora::merge(&weights, &trained, settings)?;
@@ -194,14 +229,13 @@ pub fn run(
             weights.extend(trained);
         }
         if merge || trainer.tuning().lora().is_none() {
-            let mut files =
-                export::model_files(&arch, &cfg, &weights, eot).map_err(|e| fail(&e))?;
+            let mut files = export::model_files(&arch, &cfg, &weights, eot).map_err(Box::new)?;
             // A tokenizer.json travels with the model (`gpt2` is built in everywhere).
             let spool = crate::prepare::sources::Spool::new();
             if tokenizer.contains("://") {
                 let file =
                     crate::prepare::sources::fetch_one(rt, &spool, "tokenizer", &tokenizer, None)
-                        .map_err(|e| fail(&e))?;
+                        .map_err(|e| Box::new(export::ExportError::from(e)))?;
                 files.push(("tokenizer.json", export::File::Copy(file.path.clone())));
             }
             let (uri, sha) = rt
@@ -211,7 +245,7 @@ pub fn run(
                     files,
                     &export_staging,
                 ))
-                .map_err(|e| fail(&e))?;
+                .map_err(Box::new)?;
             event.model_uri = Some(uri);
             event.model_sha256 = Some(sha);
         }

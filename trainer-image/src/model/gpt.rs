@@ -16,7 +16,7 @@ use taper_crds::model::GptConfig;
 
 use super::{
     ModelError,
-    linear::{Adapter, Lin},
+    linear::{Lin, param},
     lora,
     ops::{frozen_linear, layer_norm, softmax_last_dim},
     params::{Init, ParamStore, init_rng},
@@ -222,11 +222,7 @@ impl Gpt {
             )));
         }
         let frozen = lora.is_some();
-        // A frozen parameter is used detached: no gradient graph reaches it.
-        let get = |name: &str| -> Result<Tensor, ModelError> {
-            let t = params.tensor(name)?;
-            Ok(if frozen { t.detach() } else { t })
-        };
+        let get = |name: &str| param(params, name, frozen);
         let opt = |name: String| -> Result<Option<Tensor>, ModelError> {
             if cfg.bias {
                 get(&name).map(Some)
@@ -244,23 +240,7 @@ impl Gpt {
             Some(l) => lora::adapted_layers(&cfg, l)?,
             None => Vec::new(),
         };
-        let lin = |p: &str| -> Result<Lin, ModelError> {
-            let adapter = match lora {
-                Some(l) if adapted.iter().any(|a| a == p) => Some(Adapter {
-                    a: params.tensor(&format!("{p}.lora_A.weight"))?,
-                    b: params.tensor(&format!("{p}.lora_B.weight"))?,
-                    scale: lora::scale(l),
-                    dropout: l.dropout,
-                }),
-                _ => None,
-            };
-            Ok(Lin {
-                weight: get(&format!("{p}.weight"))?,
-                bias: opt(format!("{p}.bias"))?,
-                frozen,
-                adapter,
-            })
-        };
+        let lin = |p: &str| Lin::from_params(params, p, cfg.bias, lora, &adapted);
         let mut blocks = Vec::with_capacity(cfg.n_layer as usize);
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");

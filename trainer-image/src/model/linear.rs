@@ -6,9 +6,18 @@ use candle_core::{DType, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
+    ModelError,
     gpt::dropout,
+    lora,
     ops::{conv1d_linear, frozen_linear},
+    params::ParamStore,
 };
+
+/// The parameter `name` of `params`, detached when `frozen` (no gradient graph reaches it).
+pub(crate) fn param(params: &ParamStore, name: &str, frozen: bool) -> Result<Tensor, ModelError> {
+    let t = params.tensor(name)?;
+    Ok(if frozen { t.detach() } else { t })
+}
 
 /// A LoRA adapter on a Linear layer (see [`super::lora`]).
 #[derive(Debug)]
@@ -33,6 +42,35 @@ pub(crate) struct Lin {
 }
 
 impl Lin {
+    /// The layer at `path` (`{path}.weight`, and `{path}.bias` with `bias`) of `params`:
+    /// frozen when `lora` is given, with its adapter when `path` is among `adapted`.
+    pub(crate) fn from_params(
+        params: &ParamStore,
+        path: &str,
+        bias: bool,
+        lora: Option<&taper_crds::finetune::Lora>,
+        adapted: &[String],
+    ) -> Result<Self, ModelError> {
+        let frozen = lora.is_some();
+        let adapter = match lora {
+            Some(l) if adapted.iter().any(|a| a == path) => Some(Adapter {
+                a: params.tensor(&format!("{path}.lora_A.weight"))?,
+                b: params.tensor(&format!("{path}.lora_B.weight"))?,
+                scale: lora::scale(l),
+                dropout: l.dropout,
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            weight: param(params, &format!("{path}.weight"), frozen)?,
+            bias: bias
+                .then(|| param(params, &format!("{path}.bias"), frozen))
+                .transpose()?,
+            frozen,
+            adapter,
+        })
+    }
+
     pub(crate) fn detached(&self) -> Self {
         Self {
             weight: self.weight.detach(),

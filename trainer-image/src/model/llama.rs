@@ -16,7 +16,7 @@ use taper_crds::{finetune::Lora, model::GptConfig};
 use super::{
     ModelError,
     gpt::ForwardCtx,
-    linear::{Adapter, Lin},
+    linear::{Lin, param},
     lora::{self, Linear},
     ops::{frozen_linear, softmax_last_dim},
     params::ParamStore,
@@ -359,10 +359,7 @@ impl Llama {
         lora: Option<&Lora>,
     ) -> Result<Self, ModelError> {
         let frozen = lora.is_some();
-        let get = |name: &str| -> Result<Tensor, ModelError> {
-            let t = params.tensor(name)?;
-            Ok(if frozen { t.detach() } else { t })
-        };
+        let get = |name: &str| param(params, name, frozen);
         let linears = cfg.linears();
         let adapted: Vec<String> = match lora {
             Some(l) => lora::adapted(&linears, l)?
@@ -371,23 +368,7 @@ impl Llama {
                 .collect(),
             None => Vec::new(),
         };
-        let lin = |p: &str| -> Result<Lin, ModelError> {
-            let adapter = match lora {
-                Some(l) if adapted.iter().any(|a| a == p) => Some(Adapter {
-                    a: params.tensor(&format!("{p}.lora_A.weight"))?,
-                    b: params.tensor(&format!("{p}.lora_B.weight"))?,
-                    scale: lora::scale(l),
-                    dropout: l.dropout,
-                }),
-                _ => None,
-            };
-            Ok(Lin {
-                weight: get(&format!("{p}.weight"))?,
-                bias: None,
-                frozen,
-                adapter,
-            })
-        };
+        let lin = |p: &str| Lin::from_params(params, p, false, lora, &adapted);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");

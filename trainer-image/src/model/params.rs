@@ -141,14 +141,7 @@ impl ParamStore {
                 .get(name)
                 .or_else(|| tensors.get(&format!("transformer.{name}")))
                 .ok_or_else(|| ModelError::MissingParameter(name.clone()))?;
-            if t.dims() != var.dims() {
-                return Err(ModelError::ShapeMismatch {
-                    name: name.clone(),
-                    expected: var.dims().to_vec(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            set_checked(name, var, t)?;
         }
         Ok(())
     }
@@ -165,14 +158,7 @@ impl ParamStore {
             let t = tensors
                 .get(name)
                 .ok_or_else(|| ModelError::MissingParameter(name.to_string()))?;
-            if t.dims() != var.dims() {
-                return Err(ModelError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: var.dims().to_vec(),
-                    found: t.dims().to_vec(),
-                });
-            }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            set_checked(name, var, t)?;
         }
         Ok(())
     }
@@ -189,6 +175,20 @@ impl ParamStore {
             .collect();
         self.load_from(&tensors)
     }
+}
+
+/// Set `var` (the parameter `name`) to `t`, converted to its dtype and device; another
+/// shape is an error naming the parameter.
+fn set_checked(name: &str, var: &Var, t: &Tensor) -> Result<(), ModelError> {
+    if t.dims() != var.dims() {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: var.dims().to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    Ok(())
 }
 
 /// A ChaCha RNG for parameter initialisation from a seed.

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod overfitting;
 pub mod pretrain;
 pub mod schedule;
 pub mod trainer;

@@ -257,4 +257,26 @@ fn a_llama_saved_by_transformers_gives_its_logits_and_takes_a_lora() {
         .fold(0.0f32, f32::max);
     assert!(diff < 2e-5, "merged Llama differs by {diff}");
     assert!(a != got, "the adapters change the model");
+
+    // The adapter as PEFT loads it: the default `c_attn` resolves to Llama's names.
+    let default = Lora {
+        targets: vec!["c_attn".into()],
+        ..settings
+    };
+    let files = export::adapter_files(&trained, &default, "base", &model.arch, &model.cfg)
+        .expect("adapter files");
+    let config = files
+        .iter()
+        .find_map(|(name, f)| match (name, f) {
+            (&"adapter_config.json", export::File::Bytes(b)) => {
+                serde_json::from_slice::<serde_json::Value>(b).ok()
+            }
+            _ => None,
+        })
+        .expect("adapter_config.json");
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["k_proj", "q_proj", "v_proj"])
+    );
+    assert_eq!(config["fan_in_fan_out"], false);
 }
