@@ -232,8 +232,17 @@ pub(crate) fn run_reporting<K: kube::Resource<DynamicType = ()>>(
     name: &str,
     run: PretrainRun<'_>,
 ) -> Result<Outcome, JobError> {
+    // The run's last figures reach Prometheus before the pod exits.
+    let metrics = run.metrics;
+    let finish = || {
+        if let Some(m) = metrics {
+            m.await_final_scrape();
+        }
+    };
     let Some(target) = crate::status::Target::from_env::<K>(rt, name) else {
-        return Ok(pretrain::run(rt, run)?);
+        let outcome = pretrain::run(rt, run);
+        finish();
+        return Ok(outcome?);
     };
     let reporter = crate::status::JobReporter::start(rt, target);
     let sink = reporter.sink();
@@ -246,5 +255,6 @@ pub(crate) fn run_reporting<K: kube::Resource<DynamicType = ()>>(
     );
     drop(sink);
     reporter.finish(rt);
+    finish();
     Ok(outcome?)
 }

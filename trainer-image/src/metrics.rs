@@ -48,9 +48,45 @@ pub struct Metrics {
     /// `taper_checkpoint_size_bytes`: bytes of the latest checkpoint's files; absent
     /// before the first checkpoint. Set with [`Metrics::set_checkpoint_size`].
     checkpoint_size: IntGauge,
+    /// When `/metrics` was scraped: the count and the last two times.
+    scrapes: std::sync::Arc<std::sync::Mutex<Scrapes>>,
 }
 
+/// What the metrics server saw of its scraper.
+#[derive(Debug, Default)]
+struct Scrapes {
+    count: u64,
+    last: Option<std::time::Instant>,
+    interval: Option<std::time::Duration>,
+}
+
+/// The longest [`Metrics::await_final_scrape`] waits, whatever the scrape interval.
+pub const FINAL_SCRAPE_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Metrics {
+    /// Wait for the next scrape of `/metrics`, so that the run's last figures (the final
+    /// checkpoint's save time, the last loss) reach Prometheus before the process exits:
+    /// at most 1.5 scrape intervals as measured between the last two scrapes, and not at
+    /// all when nothing has scraped twice (no Prometheus, or a local run). Returns whether
+    /// a scrape came.
+    pub fn await_final_scrape(&self) -> bool {
+        let (start, interval) = match self.scrapes.lock() {
+            Ok(s) => (s.count, s.interval),
+            Err(_) => return false,
+        };
+        let Some(interval) = interval else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + (interval * 3 / 2).min(FINAL_SCRAPE_MAX_WAIT);
+        while std::time::Instant::now() < deadline {
+            if self.scrapes.lock().is_ok_and(|s| s.count > start) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
     /// Metrics labelled `kind`, `namespace`, `name`.
     pub fn new(kind: &str, namespace: &str, name: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -110,6 +146,7 @@ impl Metrics {
                 metric::CHECKPOINT_SIZE,
                 "Bytes of the files of the latest saved checkpoint.",
             ))?,
+            scrapes: Default::default(),
             registry,
         };
         m.registry.register(Box::new(m.step.clone()))?;
@@ -176,7 +213,14 @@ impl Metrics {
                 }
                 let path = line.split_whitespace().nth(1).unwrap_or("");
                 let (status, body) = if path == "/metrics" {
-                    ("200 OK", metrics.render())
+                    let body = metrics.render();
+                    if let Ok(mut s) = metrics.scrapes.lock() {
+                        let now = std::time::Instant::now();
+                        s.interval = s.last.map(|l| now - l);
+                        s.last = Some(now);
+                        s.count += 1;
+                    }
+                    ("200 OK", body)
                 } else {
                     ("404 Not Found", "not found; metrics are at /metrics\n".to_string())
                 };
@@ -194,6 +238,35 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scrape(addr: SocketAddr) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let _ = write!(s, "GET /metrics HTTP/1.1\r\n\r\n");
+        let _ = s.read_to_string(&mut String::new());
+    }
+
+    #[test]
+    fn the_end_waits_for_one_more_scrape_only_when_something_scrapes() {
+        let m = Metrics::new("PretrainJob", "ml", "gpt").expect("metrics");
+        let addr = m
+            .serve("127.0.0.1:0".parse().expect("addr"))
+            .expect("serve");
+        let t = std::time::Instant::now();
+        assert!(!m.await_final_scrape(), "never scraped: no wait");
+        scrape(addr);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        scrape(addr);
+        // Scraped every ~200 ms: the next scrape is waited for (up to ~300 ms).
+        let next = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            scrape(addr);
+        });
+        assert!(m.await_final_scrape(), "the scrape after the end came");
+        let _ = next.join();
+        assert!(!m.await_final_scrape(), "no scrape came in 1.5 intervals");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn values_not_yet_known_are_absent_and_labels_are_bounded() {

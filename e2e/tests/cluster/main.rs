@@ -22,6 +22,7 @@ mod schema_cases;
 mod cel;
 mod crds;
 mod disruption;
+mod finetune;
 mod install;
 mod monitoring;
 mod operator;

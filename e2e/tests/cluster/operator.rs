@@ -46,7 +46,7 @@ fn pod_logs(dir: &Path) -> String {
     out
 }
 
-fn resource(kc: &Path, kind: &str, name: &str) -> Option<Value> {
+pub(crate) fn resource(kc: &Path, kind: &str, name: &str) -> Option<Value> {
     kubectl_json(
         kc,
         &[
@@ -62,7 +62,7 @@ fn resource(kc: &Path, kind: &str, name: &str) -> Option<Value> {
     )
 }
 
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+pub(crate) fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
     obj["status"]["conditions"]
         .as_array()?
         .iter()
@@ -100,7 +100,7 @@ pub(crate) fn operator_checks(s: &Setup) {
         move || {
             let objs = kubectl(
                 &admin,
-                &["get", "ds,pj,jobs,pods", "-n", "ml", "-o", "yaml"],
+                &["get", "ds,pj,fj,jobs,pods", "-n", "ml", "-o", "yaml"],
                 None,
             );
             format!(
@@ -216,6 +216,8 @@ pub(crate) fn operator_checks(s: &Setup) {
         ),
         "checkpoints are announced: {events}"
     );
+
+    crate::finetune::finetune_checks(s, context("chat"));
 
     reclaim_checks(s, context("reclaimed"));
 
@@ -514,7 +516,7 @@ pub(crate) fn operator_checks(s: &Setup) {
 }
 
 /// The keys under `prefix` in the suite's MinIO bucket `taper`.
-fn s3_keys(endpoint: &str, prefix: &str) -> Vec<String> {
+pub(crate) fn s3_keys(endpoint: &str, prefix: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
