@@ -250,9 +250,11 @@ async fn a_new_dataset_gets_its_objects_applied_and_a_pending_status() {
         .filter(|(m, p, _)| *m == Method::PATCH && !p.contains("/status"))
         .map(|(_, _, b)| b["kind"].as_str().unwrap_or_default())
         .collect();
+    // The RoleBinding after its Role (the API server checks a binding against the rules
+    // of the Role it names), the Job last.
     assert_eq!(
         applied,
-        ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"],
+        ["ServiceAccount", "Role", "ConfigMap", "RoleBinding", "Job"],
         "{seen:#?}"
     );
     for (m, p, _) in &seen {
@@ -542,7 +544,7 @@ async fn a_reconcile_with_nothing_new_applies_nothing_and_a_changed_spec_applies
     let seen = mock.reconcile::<PretrainJob>().await;
     assert_eq!(
         applies(&seen),
-        ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"],
+        ["ServiceAccount", "Role", "ConfigMap", "RoleBinding", "Job"],
         "{seen:#?}"
     );
     assert_eq!(mock.job()["spec"]["suspend"], true);

@@ -1,6 +1,7 @@
 //! Dataset download: a tokenized dataset named by URI made available on local disk — a
 //! `file://` folder in place, an object-store prefix downloaded once into the work folder
-//! and verified against its manifest's sha256 checksums.
+//! and verified against its manifest's sha256 checksums (shards, and an instruction
+//! dataset's loss masks).
 
 use std::{
     path::{Path, PathBuf},
@@ -30,18 +31,26 @@ pub fn local_dataset(
     let manifest: DatasetManifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| JobError::Data(format!("{uri}/manifest.json: {e}")))?;
     let dir = cache.join("datasets").join(&manifest.digest);
-    for shard in manifest.train.iter().chain(&manifest.test) {
-        let path = dir.join(&shard.file);
-        if crate::train::data::verify_sha256(&path, &shard.sha256).unwrap_or(false) {
+    // Every shard, and an instruction dataset's loss mask beside each.
+    let files = manifest
+        .train
+        .iter()
+        .chain(&manifest.test)
+        .flat_map(|shard| {
+            std::iter::once((&shard.file, &shard.sha256))
+                .chain(shard.mask.as_ref().map(|m| (&m.file, &m.sha256)))
+        });
+    for (file, sha256) in files {
+        let path = dir.join(file);
+        if crate::train::data::verify_sha256(&path, sha256).unwrap_or(false) {
             continue;
         }
-        rt.block_on(store.get_file(&shard.file, &path))?;
-        if !crate::train::data::verify_sha256(&path, &shard.sha256)
+        rt.block_on(store.get_file(file, &path))?;
+        if !crate::train::data::verify_sha256(&path, sha256)
             .map_err(|e| JobError::Data(e.to_string()))?
         {
             return Err(JobError::Data(format!(
-                "{uri}/{}: sha256 does not match the manifest",
-                shard.file
+                "{uri}/{file}: sha256 does not match the manifest"
             )));
         }
     }

@@ -126,14 +126,18 @@ pub(super) async fn apply_plan(
     {
         return Ok((current.clone(), false));
     }
-    // The pod's ServiceAccount, RBAC and job file at once, all before the Job: its pod is
-    // refused without the ServiceAccount, and cannot start without the ConfigMap.
+    // The pod's ServiceAccount, Role and job file at once, all before the Job: its pod is
+    // refused without the ServiceAccount, and cannot start without the ConfigMap. The
+    // RoleBinding after its Role: without `bind`, the API server checks a new binding
+    // against the rules of the Role it names, and refuses it (NotFound) while that Role
+    // does not exist yet; applied side by side, a fast refusal also cancelled the Role's
+    // request, so the race repeated on every retry.
     futures::try_join!(
         apply::<ServiceAccount>(&ctx.client, ns, &service_account),
         apply::<Role>(&ctx.client, ns, &role),
-        apply::<RoleBinding>(&ctx.client, ns, &role_binding),
         apply::<ConfigMap>(&ctx.client, ns, &config_map),
     )?;
+    apply::<RoleBinding>(&ctx.client, ns, &role_binding).await?;
     let applied = apply::<Job>(&ctx.client, ns, &job).await?;
     ctx.applied.record(&applied, digest);
     Ok((applied, current.is_none()))
