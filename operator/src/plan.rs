@@ -237,11 +237,20 @@ pub fn plan_finetune(fj: &FinetuneJob, inputs: &Inputs, cfg: &Config) -> Readine
                 ),
             );
         }
+        // The access its pod used: its own, or the operator's with the default location.
+        let access = base.spec.checkpoints.access.clone().or_else(|| {
+            base.spec
+                .checkpoints
+                .uri
+                .is_none()
+                .then(|| operator_access(cfg))
+                .flatten()
+        });
         base_model = taper_crds::finetune::BaseModel {
             pretrain_job_ref: None,
             uri: checkpoint,
-            architecture: None,
-            access: base.spec.checkpoints.access.clone(),
+            architecture: fj.spec.base_model.architecture,
+            access,
         };
     }
     let mut job = fj.clone();

@@ -399,6 +399,16 @@ fn a_finetune_job_runs_on_the_concrete_checkpoint_of_its_base() {
     let resolved = plan.objects[0].as_finetune_job().expect("finetune job");
     assert_eq!(resolved.spec.base_model.uri.as_deref(), Some(best));
     assert!(resolved.spec.base_model.pretrain_job_ref.is_none());
+    // The base's checkpoints sit at the operator's default location: so does its access.
+    assert_eq!(
+        resolved
+            .spec
+            .base_model
+            .access
+            .as_ref()
+            .and_then(|a| a.endpoint.as_deref()),
+        Some("http://minio.storage:9000")
+    );
     assert!(
         resolved.spec.output.location.is_some(),
         "the output defaults to the operator's bucket"
