@@ -108,11 +108,15 @@ pub fn run(
         .location
         .as_ref()
         .ok_or_else(|| JobError::Spec("spec.output.location is unset".into()))?;
-    let ckpt_uri = opts
+    // Checkpoints go to `spec.checkpoints`, else beside the output (with its access).
+    let (ckpt_uri, ckpt_access) = match opts
         .checkpoints
         .clone()
         .or_else(|| job.spec.checkpoints.uri.clone())
-        .unwrap_or_else(|| join(&output.uri, "checkpoints"));
+    {
+        Some(uri) => (uri, job.spec.checkpoints.access.clone()),
+        None => (join(&output.uri, "checkpoints"), output.access.clone()),
+    };
     let device = crate::device::select_device(opts.device.as_deref())?;
     let staging = opts.work_dir.join("staging").join(&name);
 
@@ -183,7 +187,7 @@ pub fn run(
             Tuning::Lora(settings)
         }
     };
-    let store = rt.block_on(store::open(&ckpt_uri, job.spec.checkpoints.access.as_ref()))?;
+    let store = rt.block_on(store::open(&ckpt_uri, ckpt_access.as_ref()))?;
     let out_store = rt.block_on(store::open(&output.uri, output.access.as_ref()))?;
     let metrics = serve_metrics("FinetuneJob", &name, &opts)?;
     let merge = job.spec.output.merge;
