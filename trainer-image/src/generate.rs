@@ -176,17 +176,6 @@ pub fn sample_with(
     Ok(ids[prompt.len()..].to_vec())
 }
 
-/// Continue `prompt` by `opts.max_tokens` tokens (no stop token).
-pub fn sample(
-    model: &Model,
-    prompt: &[u32],
-    vocab: usize,
-    opts: &SampleOptions,
-    device: &Device,
-) -> Result<Vec<u32>, ModelError> {
-    sample_with(model, prompt, vocab, opts, device, None, &mut |_| {})
-}
-
 /// The next id from `logits`: the argmax at temperature 0, else a draw from the softmax
 /// at the temperature over the top-k, then top-p, most likely ids.
 pub fn choose(logits: &[f32], opts: &SampleOptions, rng: &mut ChaCha8Rng) -> u32 {

@@ -140,14 +140,6 @@ pub fn adapter_specs_for(
     Ok(specs)
 }
 
-/// The adapter tensors for a GPT-2 of `cfg` and `lora`.
-pub fn adapter_specs(
-    cfg: &GptConfig,
-    lora: &Lora,
-) -> Result<Vec<(String, Vec<usize>, Init)>, ModelError> {
-    adapter_specs_for(&gpt2_linears(cfg), lora)
-}
-
 /// Add freshly initialised adapters for the layers of `linears` to `params`, from `seed`.
 pub fn add_adapters_to(
     params: &mut ParamStore,
@@ -281,7 +273,7 @@ mod tests {
 
     #[test]
     fn shapes_and_initialisation() {
-        let specs = adapter_specs(&cfg(), &lora(&["c_fc"])).expect("specs");
+        let specs = adapter_specs_for(&gpt2_linears(&cfg()), &lora(&["c_fc"])).expect("specs");
         let (name, shape, init) = &specs[0];
         assert_eq!(name, "h.0.mlp.c_fc.lora_A.weight");
         assert_eq!(shape, &[8, 8]);
