@@ -8,7 +8,7 @@
 #     `--device cuda` of the same binary, in f32 and in bf16; per-step losses must agree
 #     within ABS_TOL nats (default 0.02) and REL_TOL (default 1%) in f32, and within
 #     BF16_REL_TOL (default 3%) in bf16, where the two devices round differently.
-# (b) speed: GPT-2 small (12 layers, 768 wide, block 1024) for STEPS steps (default 30) at
+# (b) speed: GPT-2 small (12 layers, 768 wide, block 1024) for STEPS (default 30) + 3 steps at
 #     batch BATCH (default 8), in bf16 mixed precision and in f32; tokens/s and MFU (median
 #     of the steps after the first 5, against the GPU's bf16 dense peak: PEAK_TFLOPS,
 #     989 for an H100 or H200 by default) and the peak GPU memory seen by nvidia-smi.
@@ -17,6 +17,9 @@
 # (c) ../shared/bench/torch_gpt_ref.py, same shape, same tokens, on the same GPU:
 #     --dtype bf16 --sdpa (the yardstick) and --dtype f32 --sdpa (like for like).
 # It prints a table and writes it to $OUT/device-check.md (or .device/device-check.md).
+# Device time is scarce: every command gets at most what is left of BUDGET seconds (default
+# 400) and is skipped when under 10 s remain, and the most important rows run first, so
+# a slow or hanging step costs its own row only.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 dev=$root/.device
@@ -25,7 +28,15 @@ mkdir -p "$res" "$dev/work"
 log=$res/device-check.log
 : >"$log"
 STEPS=${STEPS:-30} BATCH=${BATCH:-8} ABS_TOL=${ABS_TOL:-0.02} REL_TOL=${REL_TOL:-0.01}
-BF16_REL_TOL=${BF16_REL_TOL:-0.03}
+BF16_REL_TOL=${BF16_REL_TOL:-0.03} BUDGET=${BUDGET:-400}
+t0=$SECONDS
+# left CAP: the seconds this command may take (CAP or what is left of the budget, if less);
+# fails, with a line in the log, when under 10 s remain.
+left() {
+  local l=$(( BUDGET - (SECONDS - t0) ))
+  if (( l < 10 )); then echo "skipped: device-check budget of ${BUDGET}s spent" >>"$log"; return 1; fi
+  echo $(( l < $1 ? l : $1 ))
+}
 # GPU=cpu rehearses the script on a machine without a GPU (everything "GPU" runs on the CPU).
 GPU=${GPU:-cuda}
 [ -x "$dev/taper" ] || { echo "run.sh: $dev/taper is missing: run prepare.sh on the build machine and carry .device" >&2; exit 1; }
@@ -57,6 +68,13 @@ esac
 PEAK_TFLOPS=${PEAK_TFLOPS:-$default_peak}
 
 job() { # name preset batch steps warmup precision
+  local lr=6.0e-4 minlr=6.0e-5 wd=0.1 clip=1.0 betas="[0.9, 0.95]"
+  if [ "$1" = speed ]; then
+    # torch_gpt_ref.py's optimizer, so that the final losses compare: a constant 1e-3,
+    # AdamW with weight decay 0.01 on matrices and embeddings, no clipping.
+    lr=1.0e-3 minlr=1.0e-3 wd=0.01 clip=0.0
+    [ "$6" = f32 ] && betas="[0.9, 0.999]"
+  fi
   cat <<YAML
 apiVersion: taper.dev/v1alpha1
 kind: PretrainJob
@@ -72,10 +90,12 @@ spec:
     batchSize: $3
     gradientAccumulationSteps: 1
     maxSteps: $4
-    learningRate: 6.0e-4
-    minLearningRate: 6.0e-5
+    learningRate: $lr
+    minLearningRate: $minlr
     warmupSteps: $5
-    gradClip: 1.0
+    weightDecay: $wd
+    betas: $betas
+    gradClip: $clip
     precision: $6
     seed: 1337
   evaluation:
@@ -97,39 +117,52 @@ peak_mem() { # runs "$@" while sampling nvidia-smi; prints the peak MiB used on 
   return $rc
 }
 
-taper_run() { # name preset batch steps warmup device precision
+taper_run() { # name preset batch steps warmup device precision timeout
   local dir=$dev/work/$1-$7-$6
   rm -rf "$dir"; mkdir -p "$dir"
   job "$1" "$2" "$3" "$4" "$5" "$7" >"$dir/job.yaml"
-  timeout 300 "$dev/taper" pretrain --job "$dir/job.yaml" --data "file://$dev/data/shakespeare" \
+  local secs; secs=$(left "$8") || return 1
+  timeout "$secs" "$dev/taper" pretrain --job "$dir/job.yaml" --data "file://$dev/data/shakespeare" \
     --checkpoints "file://$dir/checkpoints" --work-dir "$dir/work" --device "$6" --peak-tflops "$PEAK_TFLOPS" \
     >"$dir/events.jsonl" 2>"$dir/stderr.log"
   local rc=$?
-  echo "taper $1 $7 on $6: exit $rc" | tee -a "$log"; tail -3 "$dir/stderr.log" >>"$log"
+  echo "taper $1 $7 on $6: exit $rc ($(( SECONDS - t0 )) s into the check)" | tee -a "$log"; tail -n $(( rc == 0 ? 3 : 40 )) "$dir/stderr.log" >>"$log"
   return $rc
 }
 
+check() { # precision, then the CPU run's cap in seconds
+  echo "== (a) correctness: tiny GPT, 50 steps, cpu vs $GPU, $1" | tee -a "$log"
+  taper_run check tiny 8 50 5 cpu "$1" "$2"
+  taper_run check tiny 8 50 5 "$GPU" "$1" 60
+}
+speed() { # precision
+  echo "== (b) speed: GPT-2 small, $1, batch $BATCH, $STEPS steps" | tee -a "$log"
+  # As many steps as the reference takes (its 3 untimed ones, then STEPS).
+  peak_mem taper_run speed gpt2-small "$BATCH" $(( STEPS + 3 )) 0 "$GPU" "$1" 120 >"$dev/work/speed-$1.peak" 2>&1
+  cat "$dev/work/speed-$1.peak" >>"$log"
+}
+ref() { # name, then torch_gpt_ref.py's options
+  local name=$1 secs; shift
+  echo "== (c) PyTorch reference, same shape and tokens: $*" | tee -a "$log"
+  secs=$(left 120) || return 1
+  peak_mem timeout "$secs" python3 "$dev/torch_gpt_ref.py" --device "$GPU" --peak-tflops "$PEAK_TFLOPS" --layers 12 --heads 12 --embd 768 --block 1024 \
+    --vocab 50304 --batch "$BATCH" --steps "$STEPS" --data "$dev/data/train.bin" "$@" >"$dev/work/$name.out" 2>&1
+  cat "$dev/work/$name.out" >>"$log"
+}
+check f32 60
+speed bf16
+ref torch-bf16 --dtype bf16 --sdpa
+# bf16 on a CPU is slow (no bf16 matmul units): after the bf16 speed row.
+check bf16 120
+
 echo "== (k) fused kernels against their composed references, on $GPU" | tee -a "$log"
-timeout 180 "$dev/taper" check-kernels --device "$GPU" >"$dev/work/kernels.md" 2>>"$log"
-echo "check-kernels: exit $?" | tee -a "$log"
+if secs=$(left 90); then
+  timeout "$secs" "$dev/taper" check-kernels --device "$GPU" >"$dev/work/kernels.md" 2>>"$log"
+  echo "check-kernels: exit $? ($(( SECONDS - t0 )) s into the check)" | tee -a "$log"
+fi
 
-echo "== (a) correctness: tiny GPT, 50 steps, cpu vs cuda, f32 and bf16" | tee -a "$log"
-for p in f32 bf16; do
-  taper_run check tiny 8 50 5 cpu $p
-  taper_run check tiny 8 50 5 "$GPU" $p
-done
-
-for p in bf16 f32; do
-  echo "== (b) speed: GPT-2 small, $p, batch $BATCH, $STEPS steps" | tee -a "$log"
-  peak_mem taper_run speed gpt2-small "$BATCH" "$STEPS" $(( STEPS < 3 ? STEPS : 3 )) "$GPU" $p >"$dev/work/speed-$p.peak" 2>&1
-  cat "$dev/work/speed-$p.peak" >>"$log"
-done
-
-echo "== (c) PyTorch reference, same shape and tokens" | tee -a "$log"
-ref() { timeout 300 python3 "$dev/torch_gpt_ref.py" --device "$GPU" --peak-tflops "$PEAK_TFLOPS" --layers 12 --heads 12 --embd 768 --block 1024 \
-          --vocab 50304 --batch "$BATCH" --steps "$STEPS" --data "$dev/data/train.bin" "$@"; }
-peak_mem ref --dtype bf16 --sdpa >"$dev/work/torch-bf16.out" 2>&1; cat "$dev/work/torch-bf16.out" >>"$log"
-peak_mem ref --dtype f32 --sdpa >"$dev/work/torch-f32.out" 2>&1; cat "$dev/work/torch-f32.out" >>"$log"
+speed f32
+ref torch-f32 --dtype f32 --sdpa
 
 python3 - "$dev/work" "$ABS_TOL" "$REL_TOL" "$BF16_REL_TOL" "$STEPS" "$BATCH" "$GPU" "$PEAK_TFLOPS" "${gpu_name:-cpu}" <<'PY' | tee "$res/device-check.md"
 import json, re, statistics, sys, datetime
@@ -209,4 +242,6 @@ for name, prec, label in (("torch-bf16", "bf16", "bf16 autocast + SDPA"), ("torc
     else:
         print(f"| PyTorch eager | {label} | failed | | | | |")
 PY
-echo "table written to $res/device-check.md; log in $log"
+# The runs' events and logs (not their checkpoints) come back too, for a closer look.
+tar czf "$res/work.tgz" -C "$dev" --exclude=checkpoints --exclude='work/*/work' work 2>>"$log"
+echo "table written to $res/device-check.md; log in $log (device check took $(( SECONDS - t0 )) s)"
