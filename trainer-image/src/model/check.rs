@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::causal::causal_softmax;
 use super::ops::{
     cross_entropy, cross_entropy_composed, softmax_last_dim, softmax_last_dim_composed,
 };
@@ -95,7 +96,7 @@ fn uniform(shape: &[usize], lo: f64, hi: f64, rng: &mut ChaCha8Rng) -> Result<Te
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
-/// Compare one fused op with its composed reference on `device`.
+/// Compare one fused op with its composed reference on `device`, in f32.
 fn compare(
     op: &'static str,
     device: &Device,
@@ -105,11 +106,26 @@ fn compare(
     w64: &Tensor,
     tolerance: f64,
 ) -> Result<KernelCheck> {
+    compare_in(op, device, DType::F32, fused, composed, x64, w64, tolerance)
+}
+
+/// Compare one fused op, run on `device` in `dtype`, with its composed reference.
+#[allow(clippy::too_many_arguments)]
+fn compare_in(
+    op: &'static str,
+    device: &Device,
+    dtype: DType,
+    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
+    composed: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x64: &Tensor,
+    w64: &Tensor,
+    tolerance: f64,
+) -> Result<KernelCheck> {
     // The reference: composed, f64, on the CPU.
     let (want_y, want_g) = value_and_grad(composed, x64, w64)?;
-    // The fused op on the device, in f32 (as training runs it).
-    let x = x64.to_dtype(DType::F32)?.to_device(device)?;
-    let w = w64.to_dtype(DType::F32)?.to_device(device)?;
+    // The fused op on the device, in `dtype` (as training runs it).
+    let x = x64.to_dtype(dtype)?.to_device(device)?;
+    let w = w64.to_dtype(dtype)?.to_device(device)?;
     let (y, g) = value_and_grad(fused, &x, &w)?;
     Ok(KernelCheck {
         op,
@@ -145,8 +161,31 @@ pub fn check_fused_ops(
         })
         .collect();
     let causal = Tensor::from_vec(causal, (t, t), &Device::Cpu)?;
-    let scores = scores.broadcast_add(&causal)?;
     let w = uniform(&[batch, heads, t, t], -1.0, 1.0, &mut rng)?;
+    // The attention's op: scale, causal mask and softmax fused (on raw scores), in f32 and
+    // in bf16, whose roundings of the scores, the probabilities and the gradient (2⁻⁹
+    // relative each) bound its error: 8e-3 is two bf16 steps at the largest value.
+    let scale = 0.125;
+    let scale_mask_softmax = |x: &Tensor| {
+        let causal = causal.to_device(x.device())?.to_dtype(x.dtype())?;
+        softmax_last_dim_composed(&(x * scale)?.broadcast_add(&causal)?)
+    };
+    for (dtype, name, tol) in [
+        (DType::F32, "causal softmax (scale, mask) f32", tolerance),
+        (DType::BF16, "causal softmax (scale, mask) bf16", 8e-3),
+    ] {
+        out.push(compare_in(
+            name,
+            device,
+            dtype,
+            &|x| causal_softmax(x, scale),
+            &scale_mask_softmax,
+            &scores,
+            &w,
+            tol,
+        )?);
+    }
+    let scores = scores.broadcast_add(&causal)?;
     out.push(compare(
         "softmax (causal)",
         device,
@@ -238,7 +277,7 @@ mod tests {
     fn fused_ops_pass_their_check_on_the_cpu() -> Result<()> {
         let checks = check_fused_ops(&Device::Cpu, (2, 2, 32), (64, 500))?;
         eprintln!("{}", table(&Device::Cpu, &checks));
-        assert_eq!(checks.len(), 3);
+        assert_eq!(checks.len(), 5);
         for c in &checks {
             assert!(c.passed(), "{c:?}");
             assert!(

@@ -7,8 +7,9 @@
 //! nanoGPT and lit-gpt train: the parameters stay f32 (the optimizer's master weights) and
 //! are cast to bf16 where they are used, so the cast's backward hands f32 gradients to the
 //! optimizer; matmuls (the linear layers, attention scores, attention × values, the LM
-//! head), GELU and their backward run in bf16; the residual stream, LayerNorm, the softmax
-//! (with its scale and causal mask) and the loss stay f32.
+//! head), GELU and their backward run in bf16; the residual stream, LayerNorm and the loss
+//! stay f32, and the softmax (with its scale and causal mask) computes in f32 and hands
+//! bf16 probabilities to the attention × values matmul ([`super::causal`], fused on a GPU).
 
 use candle_core::{D, DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -16,9 +17,10 @@ use taper_crds::model::GptConfig;
 
 use super::{
     ModelError,
+    causal::attention_probs,
     linear::{Lin, param},
     lora,
-    ops::{frozen_linear, layer_norm, softmax_last_dim},
+    ops::{frozen_linear, layer_norm},
     params::{Init, ParamStore, init_rng},
 };
 
@@ -331,7 +333,6 @@ impl Gpt {
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, 0, t)?;
         let mut x = dropout(&tok.broadcast_add(&pos)?, p, ctx.dropout_rng.as_deref_mut())?;
-        let mask = causal_mask(t, x.device(), master)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             // Attention.
@@ -345,9 +346,7 @@ impl Gpt {
                     .contiguous()
             };
             let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let scores = q.matmul(&k.t()?)?.to_dtype(master)?;
-            let att = (scores * scale)?.broadcast_add(&mask)?;
-            let att = softmax_last_dim(&att)?.to_dtype(dt)?;
+            let att = attention_probs(&q.matmul(&k.t()?)?, scale)?;
             let att = dropout(&att, p, ctx.dropout_rng.as_deref_mut())?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
             let y = dropout(
@@ -380,14 +379,6 @@ impl Gpt {
         };
         Ok(logits.reshape((b, t, self.cfg.vocab_size as usize))?)
     }
-}
-
-/// Additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)
 }
 
 /// FLOPs per token of a training step (forward and backward), nanoGPT's estimate:

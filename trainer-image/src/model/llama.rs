@@ -15,10 +15,11 @@ use taper_crds::{finetune::Lora, model::GptConfig};
 
 use super::{
     ModelError,
+    causal::attention_probs,
     gpt::ForwardCtx,
     linear::{Lin, param},
     lora::{self, Linear},
-    ops::{frozen_linear, softmax_last_dim},
+    ops::frozen_linear,
     params::ParamStore,
 };
 
@@ -454,13 +455,6 @@ impl Llama {
         let dev = idx.device();
         let (cos, sin) = rope_tables(t, hd, cfg.rope_theta, dev)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
-        let mask = Tensor::from_vec(
-            (0..t)
-                .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect::<Vec<f32>>(),
-            (t, t),
-            dev,
-        )?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self
             .embed
@@ -477,8 +471,7 @@ impl Llama {
             let q = rope(&q, &cos, &sin)?;
             let k = repeat_kv(rope(&k, &cos, &sin)?, h / kv)?.contiguous()?;
             let v = repeat_kv(v, h / kv)?.contiguous()?;
-            let att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
-            let att = softmax_last_dim(&att)?.to_dtype(dt)?;
+            let att = attention_probs(&q.matmul(&k.t()?)?, scale)?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
             let y = l.o.forward(&y, dt, ctx.dropout_rng.as_deref_mut())?;
             x = (x + y.to_dtype(DType::F32)?)?;

@@ -1,6 +1,9 @@
 //! Models: GPT-2, and LoRA adapters on it.
 
+pub mod causal;
 pub mod check;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod gpt;
 pub(crate) mod linear;
 pub mod llama;

@@ -139,7 +139,12 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The loss is `Σᵢ wᵢ (lseᵢ − xᵢ,ₜᵢ)` with `wᵢ = maskᵢ / Σ mask` (or `1/N`), computed
 /// without a graph; the backward is `wᵢ (softmax(xᵢ) − onehot(tᵢ))`, from candle's fused
 /// softmax. Nothing of size `N × V` is kept between forward and backward but the logits.
+/// On a GPU, the same in two kernels of our own ([`cross_entropy_cuda`]).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
+        return cross_entropy_cuda(logits, targets, mask);
+    }
     // Half-precision logits are upcast: the log-sum-exp over a large vocabulary needs it.
     let logits = match logits.dtype() {
         DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
@@ -170,6 +175,88 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -
         let d = p.scatter_add(&targets, &minus_one, 1)?;
         d.broadcast_mul(&weights.broadcast_mul(g)?)
     })
+}
+
+/// [`cross_entropy`] on a GPU: `kernels/cross_entropy.cu`, one pass over the logits (in
+/// their own dtype, no f32 copy) forward and one backward, keeping only each row's
+/// log-sum-exp between them.
+#[cfg(feature = "cuda")]
+fn cross_entropy_cuda(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    let x = logits.detach().contiguous()?;
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let weights = match mask {
+        None => Tensor::full(1.0f32 / n.max(1) as f32, n, x.device())?,
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?.reshape(n)?;
+            m.broadcast_div(&m.sum_all()?.maximum(1.0)?)?
+        }
+    };
+    let out = x.apply_op3_no_bwd(&targets, &weights, &CrossEntropyCuda::Fwd)?; // [2, n]
+    let loss = out.get(0)?.sum_all()?;
+    let lse = out.get(1)?;
+    with_backward("cross-entropy", logits, loss, move |logits, _, g| {
+        let coef = weights.broadcast_mul(&g.to_dtype(DType::F32)?)?;
+        let lse_coef = Tensor::stack(&[&lse, &coef], 0)?.contiguous()?;
+        let x = logits.detach().contiguous()?;
+        x.apply_op3_no_bwd(&targets, &lse_coef, &CrossEntropyCuda::Bwd)
+    })
+}
+
+/// The kernels of [`cross_entropy_cuda`] as candle ops (GPU only).
+#[cfg(feature = "cuda")]
+enum CrossEntropyCuda {
+    /// (logits, targets, weights) → `[2, rows]`: weighted losses, log-sum-exps.
+    Fwd,
+    /// (logits, targets, `[2, rows]` log-sum-exps and coefficients) → logits' gradient.
+    Bwd,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for CrossEntropyCuda {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Fwd => "cross-entropy-fwd",
+            Self::Bwd => "cross-entropy-bwd",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "{}: a GPU kernel (the CPU uses cross_entropy's own path)",
+            self.name()
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        t: &candle_core::CudaStorage,
+        lt: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, _) = lx.shape().dims2()?;
+        match self {
+            Self::Fwd => Ok((
+                super::cuda::cross_entropy_fwd((x, lx), (t, lt), (w, lw))?,
+                Shape::from((2, rows)),
+            )),
+            Self::Bwd => Ok((
+                super::cuda::cross_entropy_bwd((x, lx), (t, lt), (w, lw))?,
+                lx.shape().clone(),
+            )),
+        }
+    }
 }
 
 /// [`cross_entropy`] composed of differentiable ops: the reference its tests compare with.
