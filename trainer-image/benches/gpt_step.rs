@@ -37,6 +37,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    taper_trainer::keep_freed_memory();
     let spec = std::env::var("TAPER_BENCH").unwrap_or_else(|_| "6,6,384,256,65,12,20".into());
     let v: Vec<i64> = spec.split(',').map(str::parse).collect::<Result<_, _>>()?;
     let [layers, heads, embd, block, vocab, batch, steps] = v[..] else {

@@ -532,6 +532,7 @@ fn run(cli: Cli) -> Result<u8, JobError> {
 }
 
 fn main() -> ExitCode {
+    taper_trainer::keep_freed_memory();
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
