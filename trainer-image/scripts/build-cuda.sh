@@ -4,6 +4,7 @@
 #
 #   trainer-image/scripts/build-cuda.sh            # release build: target/release/taper
 #   trainer-image/scripts/build-cuda.sh check      # cargo check --features cuda only
+#   trainer-image/scripts/build-cuda.sh bench      # the gpt_step bench (phase timings on a GPU)
 #
 # Environment: CUDA_COMPUTE_CAP (default 90, H100), TAPER_CUDA_DIR (default .cuda).
 # Everything lands in the git-ignored .cuda/: a virtual environment with the wheels and a
@@ -80,7 +81,10 @@ case "$mode" in
   build) cargo build --release -p taper-trainer --features cuda --target-dir target/cuda
          profile_dir=target/cuda/release
          echo "built $root/target/cuda/release/taper (compute capability $CUDA_COMPUTE_CAP)" ;;
-  *) echo "usage: $0 [build|check]" >&2; exit 2 ;;
+  bench) cargo build --release -p taper-trainer --features cuda --target-dir target/cuda --bench gpt_step
+         profile_dir=target/cuda/release
+         echo "built $(ls -t target/cuda/release/deps/gpt_step-* | grep -v '\.d$' | head -1)" ;;
+  *) echo "usage: $0 [build|check|bench]" >&2; exit 2 ;;
 esac
 # Record the wheels the kernels were just built with: without this, a first build into an
 # empty folder left no record, and the next run cleaned and rebuilt the kernels (17 min).

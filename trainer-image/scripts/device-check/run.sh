@@ -41,22 +41,7 @@ left() {
 GPU=${GPU:-cuda}
 [ -x "$dev/taper" ] || { echo "run.sh: $dev/taper is missing: run prepare.sh on the build machine and carry .device" >&2; exit 1; }
 
-# The binary links libcublas/libcurand/libnvrtc of CUDA 13: take them from PyTorch's wheels.
-libs=$(python3 - <<'PY' 2>/dev/null
-import glob, os
-try:
-    import nvidia
-    roots = list(nvidia.__path__)
-except ImportError:
-    roots = []
-dirs = set()
-for r in roots:
-    for f in glob.glob(os.path.join(r, "**", "lib", "*.so*"), recursive=True):
-        dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. "$root/trainer-image/scripts/device-check/cuda-libs.sh"
 { echo "== taper $("$dev/taper" --version) (commit $(cat "$dev/commit" 2>/dev/null))"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } 2>&1 | tee -a "$log"
 if ldd "$dev/taper" | grep -q 'not found'; then ldd "$dev/taper" | tee -a "$log"; echo "run.sh: unresolved libraries" >&2; fi
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
