@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var, backprop::GradStore};
+use candle_core::{D, DType, Tensor, Var, backprop::GradStore};
 use serde::{Deserialize, Serialize};
 
 use crate::model::params::ParamStore;
@@ -215,11 +215,19 @@ impl Grads {
     }
 
     /// Global L2 norm over every gradient, summed in f64 on the gradients' device and read
-    /// back once (one synchronisation per step on a GPU, not one per tensor).
+    /// back once (one synchronisation per step on a GPU, not one per tensor). A matrix's
+    /// squares are summed row by row first: candle reduces each output element in one GPU
+    /// block, so a plain sum over a whole matrix ran on one block, and the norm took 85 ms
+    /// of a 293 ms GPT-2-small step on an H200 (`phases.sh`).
     pub fn global_norm(&self) -> Result<f64, OptimError> {
         let mut sum: Option<Tensor> = None;
         for g in self.by_name.values() {
-            let sq = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            let sq = g.to_dtype(DType::F64)?.sqr()?;
+            let sq = if sq.rank() >= 2 {
+                sq.sum(D::Minus1)?.sum_all()?
+            } else {
+                sq.sum_all()?
+            };
             sum = Some(match sum {
                 Some(s) => (s + sq)?,
                 None => sq,
