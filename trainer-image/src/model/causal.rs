@@ -6,10 +6,10 @@
 //! reads the probabilities and their gradient once and writes the scores' gradient.
 //!
 //! The CUDA kernels are `kernels/causal_softmax.cu` (compiled to PTX by `build.rs`,
-//! launched by `model/cuda.rs`). The
-//! CPU implementation below is the same arithmetic, row by row, and exists so that the
-//! op, its mask and its backward are tested without a GPU; training on the CPU keeps the
-//! composed path ([`attention_probs`]), whose kernels are parallel there.
+//! launched by `model/cuda.rs`). The CPU implementation below is the same formula, row by
+//! row, and exists so that the op, its mask and its backward are tested without a GPU;
+//! training on the CPU keeps the composed path ([`attention_probs`]), whose kernels are
+//! parallel there.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
@@ -44,7 +44,8 @@ pub fn attention_probs(scores: &Tensor, scale: f64) -> Result<Tensor> {
 
 /// `softmax(scale · x)` over the last dimension with the causal mask: for `x` of shape
 /// `[.., t, t]`, row `i` of each `[t, t]` matrix keeps columns `j ≤ i` and is 0 beyond.
-/// Arithmetic in f32 (f64 for f64 input); the result has `x`'s dtype.
+/// The result has `x`'s dtype. A GPU computes in f32 (f32 or bf16 scores); the CPU in f64
+/// (f32 or f64 scores, others through f32).
 pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
