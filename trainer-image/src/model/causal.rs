@@ -11,9 +11,11 @@
 //! training on the CPU keeps the composed path ([`attention_probs`]), whose kernels are
 //! parallel there.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
+};
 
-use super::ops::softmax_last_dim;
+use super::ops::{softmax_last_dim, softmax_last_dim_composed};
 
 /// Attention probabilities from the raw scores `q·kᵀ` `[batch, heads, t, t]`, in the
 /// scores' dtype: on a GPU the fused [`causal_softmax`]; on the CPU the composed ops
@@ -27,7 +29,13 @@ pub fn attention_probs(scores: &Tensor, scale: f64) -> Result<Tensor> {
         DType::BF16 | DType::F16 => DType::F32,
         other => other,
     };
-    let t = scores.dim(D::Minus1)?;
+    let mask = causal_mask(scores.dim(D::Minus1)?, scores.device(), up)?;
+    let att = (scores.to_dtype(up)? * scale)?.broadcast_add(&mask)?;
+    softmax_last_dim(&att)?.to_dtype(dt)
+}
+
+/// The additive causal mask `[t, t]` in `dtype`: 0 on and below the diagonal, -inf above.
+pub(crate) fn causal_mask(t: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t * t)
         .map(|k| {
             if k % t > k / t {
@@ -37,9 +45,14 @@ pub fn attention_probs(scores: &Tensor, scale: f64) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(up)?;
-    let att = (scores.to_dtype(up)? * scale)?.broadcast_add(&mask)?;
-    softmax_last_dim(&att)?.to_dtype(dt)
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}
+
+/// [`causal_softmax`] composed of differentiable ops (scale, the additive mask, softmax),
+/// in `x`'s dtype: the reference the tests and `check-kernels` compare it with.
+pub(crate) fn causal_softmax_composed(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let mask = causal_mask(x.dim(D::Minus1)?, x.device(), x.dtype())?;
+    softmax_last_dim_composed(&(x * scale)?.broadcast_add(&mask)?)
 }
 
 /// `softmax(scale · x)` over the last dimension with the causal mask: for `x` of shape
@@ -213,24 +226,8 @@ impl CustomOp2 for CausalSoftmaxBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{check::value_and_grad, ops::softmax_last_dim_composed};
+    use crate::model::check::value_and_grad;
     use candle_core::Device;
-
-    /// The composed reference: scale, add the causal mask, softmax.
-    fn composed(x: &Tensor, scale: f64) -> Result<Tensor> {
-        let t = x.dim(D::Minus1)?;
-        let mask: Vec<f64> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f64::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?;
-        softmax_last_dim_composed(&(x * scale)?.broadcast_add(&mask)?)
-    }
 
     #[test]
     fn matches_scale_mask_softmax_in_value_and_gradient() -> Result<()> {
@@ -238,7 +235,7 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (2, 3, 17, 17), &Device::Cpu)?;
         let scale = 0.37;
         let (y1, g1) = value_and_grad(&|x| causal_softmax(x, scale), &x, &w)?;
-        let (y2, g2) = value_and_grad(&|x| composed(x, scale), &x, &w)?;
+        let (y2, g2) = value_and_grad(&|x| causal_softmax_composed(x, scale), &x, &w)?;
         let dy = (&y1 - &y2)?.abs()?.max_all()?.to_scalar::<f64>()?;
         let dg = (&g1 - &g2)?.abs()?.max_all()?.to_scalar::<f64>()?;
         let gmax = g2.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -265,7 +262,7 @@ mod tests {
         let x = Tensor::randn(0f32, 2.0, (4, 8, 8), &Device::Cpu)?;
         let y = causal_softmax(&x.to_dtype(DType::BF16)?, 0.5)?;
         assert_eq!(y.dtype(), DType::BF16);
-        let want = composed(&x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?, 0.5)?;
+        let want = causal_softmax_composed(&x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?, 0.5)?;
         let d = (y.to_dtype(DType::F32)? - want)?
             .abs()?
             .max_all()?

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::causal::causal_softmax;
+use super::causal::{causal_mask, causal_softmax, causal_softmax_composed};
 use super::ops::{
     cross_entropy, cross_entropy_composed, softmax_last_dim, softmax_last_dim_composed,
 };
@@ -151,25 +151,12 @@ pub fn check_fused_ops(
     let mut out = Vec::new();
 
     let scores = uniform(&[batch, heads, t, t], -6.0, 6.0, &mut rng)?;
-    let causal: Vec<f64> = (0..t * t)
-        .map(|i| {
-            if i % t > i / t {
-                f64::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let causal = Tensor::from_vec(causal, (t, t), &Device::Cpu)?;
+    let causal = causal_mask(t, &Device::Cpu, DType::F64)?;
     let w = uniform(&[batch, heads, t, t], -1.0, 1.0, &mut rng)?;
     // The attention's op: scale, causal mask and softmax fused (on raw scores), in f32 and
     // in bf16, whose roundings of the scores, the probabilities and the gradient (2⁻⁹
     // relative each) bound its error: 8e-3 is two bf16 steps at the largest value.
     let scale = 0.125;
-    let scale_mask_softmax = |x: &Tensor| {
-        let causal = causal.to_device(x.device())?.to_dtype(x.dtype())?;
-        softmax_last_dim_composed(&(x * scale)?.broadcast_add(&causal)?)
-    };
     for (dtype, name, tol) in [
         (DType::F32, "causal softmax (scale, mask) f32", tolerance),
         (DType::BF16, "causal softmax (scale, mask) bf16", 8e-3),
@@ -179,7 +166,7 @@ pub fn check_fused_ops(
             device,
             dtype,
             &|x| causal_softmax(x, scale),
-            &scale_mask_softmax,
+            &|x| causal_softmax_composed(x, scale),
             &scores,
             &w,
             tol,
