@@ -6,32 +6,26 @@
 //! reads the probabilities and their gradient once and writes the scores' gradient.
 //!
 //! The CUDA kernels are `kernels/causal_softmax.cu` (compiled to PTX by `build.rs`,
-//! launched by `model/cuda.rs`). The CPU implementation below is the same formula, row by
-//! row, and exists so that the op, its mask and its backward are tested without a GPU;
-//! training on the CPU keeps the composed path ([`attention_probs`]), whose kernels are
-//! parallel there.
+//! launched by `model/cuda.rs`). The CPU implementation below is the same formula, rows
+//! in parallel (rayon), touching only the columns on and below the diagonal; it replaced
+//! the composed path on the CPU too, whose backward was seven nodes over the scores.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
 };
 
-use super::ops::{softmax_last_dim, softmax_last_dim_composed};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::{
+    fused::{Real, by_dtype, contiguous_slice},
+    ops::softmax_last_dim_composed,
+};
 
 /// Attention probabilities from the raw scores `q·kᵀ` `[batch, heads, t, t]`, in the
-/// scores' dtype: on a GPU the fused [`causal_softmax`]; on the CPU the composed ops
-/// (half precision upcast to f32, scale, the additive causal mask, softmax, downcast).
+/// scores' dtype: the fused [`causal_softmax`] on every device.
 pub fn attention_probs(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    if scores.device().is_cuda() {
-        return causal_softmax(scores, scale);
-    }
-    let dt = scores.dtype();
-    let up = match dt {
-        DType::BF16 | DType::F16 => DType::F32,
-        other => other,
-    };
-    let mask = causal_mask(scores.dim(D::Minus1)?, scores.device(), up)?;
-    let att = (scores.to_dtype(up)? * scale)?.broadcast_add(&mask)?;
-    softmax_last_dim(&att)?.to_dtype(dt)
+    causal_softmax(scores, scale)
 }
 
 /// The additive causal mask `[t, t]` in `dtype`: 0 on and below the diagonal, -inf above.
@@ -57,8 +51,8 @@ pub(crate) fn causal_softmax_composed(x: &Tensor, scale: f64) -> Result<Tensor> 
 
 /// `softmax(scale · x)` over the last dimension with the causal mask: for `x` of shape
 /// `[.., t, t]`, row `i` of each `[t, t]` matrix keeps columns `j ≤ i` and is 0 beyond.
-/// The result has `x`'s dtype. A GPU computes in f32 (f32 or bf16 scores); the CPU in f64
-/// (f32 or f64 scores, others through f32).
+/// The result has `x`'s dtype. A GPU computes in f32 (f32 or bf16 scores); the CPU in the
+/// scores' dtype (f32 or f64; others through f32).
 pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
@@ -79,14 +73,6 @@ struct CausalSoftmaxBwd {
     scale: f64,
 }
 
-/// The whole contiguous buffer of `l` (the op takes nothing else).
-fn whole<'a, T>(v: &'a [T], l: &Layout, name: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: expected a contiguous tensor"),
-    }
-}
-
 fn last_dim(l: &Layout) -> Result<usize> {
     l.dims()
         .last()
@@ -95,39 +81,49 @@ fn last_dim(l: &Layout) -> Result<usize> {
         .ok_or_else(|| candle_core::Error::Msg("causal-softmax: empty scores".into()))
 }
 
-/// The CPU forward of one dtype: rows of `t`, row `r` being query position `r mod t`.
-fn cpu_rows_fwd<T: candle_core::WithDType>(x: &[T], t: usize, scale: f64) -> Vec<T> {
-    let mut y = vec![T::from_f64(0.0); x.len()];
-    for (r, (xr, yr)) in x.chunks(t).zip(y.chunks_mut(t)).enumerate() {
-        let i = r % t;
-        let s: Vec<f64> = xr[..=i].iter().map(|v| v.to_f64() * scale).collect();
-        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
-        for (o, v) in yr.iter_mut().zip(&s) {
-            *o = T::from_f64((v - m).exp() / z);
-        }
-    }
+/// The CPU forward: rows of `t`, row `r` being query position `r mod t`, in parallel, in
+/// the scores' dtype.
+fn cpu_rows_fwd<T: Real>(x: &[T], t: usize, scale: f64) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(t)
+        .zip(x.par_chunks(t))
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(r, (yr, xr))| {
+            let i = r % t;
+            let (xr, yr) = (&xr[..=i], &mut yr[..=i]);
+            let m = xr
+                .iter()
+                .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
+            let mut z = T::zero();
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v * scale - m).exp();
+                z += *o;
+            }
+            let zr = z.recip();
+            yr.iter_mut().for_each(|o| *o *= zr);
+        });
     y
 }
 
-fn cpu_rows_bwd<T: candle_core::WithDType>(y: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
-    let mut dx = vec![T::from_f64(0.0); y.len()];
-    for (r, ((yr, gr), dr)) in y
-        .chunks(t)
-        .zip(g.chunks(t))
-        .zip(dx.chunks_mut(t))
+/// `dx = scale · y ⊙ (g − Σ y ⊙ g)` per row, 0 above the diagonal.
+fn cpu_rows_bwd<T: Real>(y: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(t)
+        .zip(y.par_chunks(t))
+        .zip(g.par_chunks(t))
         .enumerate()
-    {
-        let i = r % t;
-        let d: f64 = yr[..=i]
-            .iter()
-            .zip(&gr[..=i])
-            .map(|(a, b)| a.to_f64() * b.to_f64())
-            .sum();
-        for ((o, a), b) in dr.iter_mut().zip(&yr[..=i]).zip(&gr[..=i]) {
-            *o = T::from_f64(scale * a.to_f64() * (b.to_f64() - d));
-        }
-    }
+        .with_min_len(8)
+        .for_each(|(r, ((dr, yr), gr))| {
+            let i = r % t;
+            let (yr, gr) = (&yr[..=i], &gr[..=i]);
+            let d = yr.iter().zip(gr).fold(T::zero(), |a, (&p, &q)| a + p * q);
+            for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
+                *o = scale * p * (q - d);
+            }
+        });
     dx
 }
 
@@ -139,15 +135,7 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = last_dim(l)?;
         let scale = self.scale;
-        let y = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(cpu_rows_fwd(whole(v, l, self.name())?, t, scale))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(cpu_rows_fwd(whole(v, l, self.name())?, t, scale))
-            }
-            _ => candle_core::bail!("causal-softmax: f32 or f64 on the CPU"),
-        };
+        let y = by_dtype!(self.name(), [(s, l)], |x| cpu_rows_fwd(x, t, scale));
         Ok((y, l.shape().clone()))
     }
 
@@ -186,22 +174,9 @@ impl CustomOp2 for CausalSoftmaxBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let t = last_dim(ly)?;
         let scale = self.scale;
-        let name = self.name();
-        let dx = match (y, g) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(cpu_rows_bwd(
-                whole(y, ly, name)?,
-                whole(g, lg, name)?,
-                t,
-                scale,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(cpu_rows_bwd(
-                whole(y, ly, name)?,
-                whole(g, lg, name)?,
-                t,
-                scale,
-            )),
-            _ => candle_core::bail!("causal-softmax-bwd: f32 or f64 on the CPU, one dtype"),
-        };
+        let dx = by_dtype!(self.name(), [(y, ly), (g, lg)], |y, g| {
+            cpu_rows_bwd(y, g, t, scale)
+        });
         Ok((dx, ly.shape().clone()))
     }
 

@@ -18,9 +18,10 @@ use taper_crds::model::GptConfig;
 use super::{
     ModelError,
     causal::attention_probs,
+    fused::{add_tiled, gelu, layer_norm},
     linear::{Lin, param},
     lora,
-    ops::{frozen_linear, layer_norm},
+    ops::frozen_linear,
     params::{Init, ParamStore, init_rng},
 };
 
@@ -332,7 +333,7 @@ impl Gpt {
             .index_select(&idx.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = dropout(&tok.broadcast_add(&pos)?, p, ctx.dropout_rng.as_deref_mut())?;
+        let mut x = dropout(&add_tiled(&tok, &pos)?, p, ctx.dropout_rng.as_deref_mut())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             // Attention.
@@ -357,10 +358,11 @@ impl Gpt {
             )?;
             x = (x + y.to_dtype(master)?)?;
             // MLP.
-            let m = blk
-                .c_fc
-                .forward(&blk.ln_2.forward(&x)?, dt, ctx.dropout_rng.as_deref_mut())?
-                .gelu_erf()?;
+            let m = gelu(&blk.c_fc.forward(
+                &blk.ln_2.forward(&x)?,
+                dt,
+                ctx.dropout_rng.as_deref_mut(),
+            )?)?;
             let m = dropout(
                 &blk.mlp_proj
                     .forward(&m, dt, ctx.dropout_rng.as_deref_mut())?,

@@ -14,6 +14,8 @@ use candle_core::{
     CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor, backend::BackendStorage,
 };
 
+use super::fused::add_tiled;
+
 /// The custom op behind [`with_backward`]: its forward copies the value, its backward
 /// calls the closure with (input, value, gradient of the value).
 struct WithBackward<F> {
@@ -92,8 +94,14 @@ pub fn with_backward(
 }
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with
-/// the biased variance, as PyTorch.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+/// the biased variance, as PyTorch, composed of differentiable ops: the path off the CPU,
+/// and the reference for the fused [`super::fused::layer_norm`].
+pub fn layer_norm_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -290,7 +298,7 @@ pub fn conv1d_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let n: usize = lead.iter().product();
     let y = x.reshape((n, inner[0]))?.matmul(w)?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => add_tiled(&y, b)?,
         None => y,
     };
     let mut out = lead.to_vec();
