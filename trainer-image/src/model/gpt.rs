@@ -17,8 +17,9 @@ use taper_crds::model::GptConfig;
 
 use super::{
     ModelError,
+    attention::causal_attention,
     causal::attention_probs,
-    fused::{add_tiled, gelu, layer_norm},
+    fused::{add_tiled, fusable, gelu, layer_norm},
     linear::{Lin, param},
     lora,
     ops::frozen_linear,
@@ -333,23 +334,23 @@ impl Gpt {
             .index_select(&idx.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = dropout(&add_tiled(&tok, &pos)?, p, ctx.dropout_rng.as_deref_mut())?;
+        // The residual stream is [batch·t, c]: the linear layers take it without a reshape
+        // (each one a graph node, a zeroed gradient and an add in the backward).
+        let x = add_tiled(&tok, &pos)?.reshape((b * t, c))?;
+        let mut x = dropout(&x, p, ctx.dropout_rng.as_deref_mut())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             // Attention.
             let qkv =
                 blk.c_attn
                     .forward(&blk.ln_1.forward(&x)?, dt, ctx.dropout_rng.as_deref_mut())?;
-            let heads = |i: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(D::Minus1, i * c, c)?
-                    .reshape((b, t, h, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let y = if fusable(&qkv) && (p <= 0.0 || ctx.dropout_rng.is_none()) {
+                causal_attention(&qkv, t, h, scale)?
+            } else {
+                let qkv = qkv.reshape((b, t, 3 * c))?;
+                attention_composed(&qkv, h, scale, p, ctx.dropout_rng.as_deref_mut())?
+                    .reshape((b * t, c))?
             };
-            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let att = attention_probs(&q.matmul(&k.t()?)?, scale)?;
-            let att = dropout(&att, p, ctx.dropout_rng.as_deref_mut())?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
             let y = dropout(
                 &blk.attn_proj
                     .forward(&y, dt, ctx.dropout_rng.as_deref_mut())?,
@@ -373,7 +374,6 @@ impl Gpt {
         }
         let x = self.ln_f.forward(&x)?.to_dtype(dt)?;
         let head = self.wte.to_dtype(dt)?.t()?;
-        let x = x.reshape((b * t, c))?;
         let logits = if self.frozen_wte {
             frozen_linear(&x, &head, None)?
         } else {
@@ -381,6 +381,29 @@ impl Gpt {
         };
         Ok(logits.reshape((b, t, self.cfg.vocab_size as usize))?)
     }
+}
+
+/// Causal self-attention from `qkv` `[batch, t, 3·c]` composed of candle's ops, with
+/// dropout on the probabilities: the path off the CPU and with attention dropout, and the
+/// reference for the fused CPU op ([`causal_attention`]).
+pub(crate) fn attention_composed(
+    qkv: &Tensor,
+    h: usize,
+    scale: f64,
+    p: f64,
+    rng: Option<&mut ChaCha8Rng>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    let (c, hd) = (c3 / 3, c3 / 3 / h);
+    let heads = |i: usize| -> candle_core::Result<Tensor> {
+        qkv.narrow(D::Minus1, i * c, c)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+    let att = dropout(&attention_probs(&q.matmul(&k.t()?)?, scale)?, p, rng)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
 /// FLOPs per token of a training step (forward and backward), nanoGPT's estimate:

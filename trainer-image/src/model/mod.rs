@@ -1,5 +1,6 @@
 //! Models: GPT-2, and LoRA adapters on it.
 
+pub(crate) mod attention;
 pub mod causal;
 pub mod check;
 #[cfg(feature = "cuda")]

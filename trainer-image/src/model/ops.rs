@@ -291,16 +291,25 @@ pub fn cross_entropy_composed(
 
 /// `x @ w + b` for `x` `[.., in]` and a Conv1D-layout weight `w` `[in, out]` (Hugging
 /// Face GPT-2 stores its Linear layers this way). Flattens the leading dimensions so that
-/// one GEMM does the work.
+/// one GEMM does the work (a 2-D `x` as it is: a reshape is a graph node).
 pub fn conv1d_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (lead, inner) = dims.split_at(dims.len() - 1);
+    let flat = lead.len() == 1;
     let n: usize = lead.iter().product();
-    let y = x.reshape((n, inner[0]))?.matmul(w)?;
+    let x2 = if flat {
+        x.clone()
+    } else {
+        x.reshape((n, inner[0]))?
+    };
+    let y = x2.matmul(w)?;
     let y = match b {
         Some(b) => add_tiled(&y, b)?,
         None => y,
     };
+    if flat {
+        return Ok(y);
+    }
     let mut out = lead.to_vec();
     out.push(w.dim(1)?);
     y.reshape(out)

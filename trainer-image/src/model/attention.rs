@@ -1,0 +1,361 @@
+//! Causal multi-head self-attention on the CPU as one op with its backward, from the
+//! fused `q, k, v` projection `[batch, t, 3·c]` to the heads' merged output `[batch, t, c]`.
+//!
+//! Composed, attention is about fifteen graph nodes per layer (three `narrow`s of `qkv`
+//! whose backward each pads a gradient the size of `qkv`, head reshapes, transposes and
+//! copies, two batched matmuls, the softmax), and candle's backward adds a zeroed buffer
+//! and an add per node. Here one task per (batch, head) multiplies in place through
+//! strides, with gemm's kernels on one thread each (the tasks are the parallelism):
+//! `S = Q·Kᵀ`, the scaled causal softmax `P`, `Y = P·V`. The backward recomputes `P`
+//! rather than keeping it (the largest tensor of a step, `[batch, heads, t, t]`), as
+//! flash attention does, then `dV = Pᵀ·dY`, `dP = dY·Vᵀ`, `dS = scale · P ⊙ (dP − Σ P ⊙ dP)`,
+//! `dQ = dS·K`, `dK = dSᵀ·Q`, each head writing its own columns of `dqkv`.
+//!
+//! Used for CPU tensors of f32 or f64 when no dropout applies to the probabilities; the
+//! composed path (`model::gpt`) serves the rest, and is the tests' reference.
+#![allow(unsafe_code)]
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::fused::{Real, by_dtype, contiguous_slice};
+
+/// The attention output `[rows, c]` of `heads` heads from `qkv` `[rows, 3·c]` (`q`, `k`,
+/// `v` side by side, each head's `c / heads` columns in order; `rows` is batch · `t`, or
+/// the two dimensions `[batch, t]`), with the causal mask and `softmax(scale · q·kᵀ)`.
+pub fn causal_attention(qkv: &Tensor, t: usize, heads: usize, scale: f64) -> Result<Tensor> {
+    let c3 = qkv.dim(D::Minus1)?;
+    let rows = qkv.elem_count() / c3.max(1);
+    if heads == 0 || c3 % (3 * heads) != 0 || t == 0 || rows % t != 0 {
+        candle_core::bail!(
+            "causal-attention: qkv {:?} is not [batch·{t}, 3·c] with {heads} heads dividing c",
+            qkv.dims()
+        );
+    }
+    qkv.contiguous()?.apply_op1(Attention { t, heads, scale })
+}
+
+/// The shape of one call: batch, sequence length, width (`c`) and heads.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+}
+
+impl Dims {
+    fn of(l: &Layout, t: usize, heads: usize) -> Result<Self> {
+        let c3 = l.dims().last().copied().unwrap_or(0);
+        Ok(Self {
+            b: l.shape().elem_count() / (t * c3).max(1),
+            t,
+            c: c3 / 3,
+            h: heads,
+        })
+    }
+
+    /// The output's shape: `qkv`'s with a third of its columns.
+    fn out_shape(&self, l: &Layout) -> Shape {
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.c;
+        }
+        Shape::from(dims)
+    }
+
+    fn hd(&self) -> usize {
+        self.c / self.h
+    }
+
+    /// Offset of head `h` of batch `b`'s first row in `[batch, t, width]`.
+    fn at(&self, bh: usize, width: usize) -> usize {
+        (bh / self.h) * self.t * width + (bh % self.h) * self.hd()
+    }
+}
+
+struct Attention {
+    t: usize,
+    heads: usize,
+    scale: f64,
+}
+
+/// `(qkv, dy) → dqkv`.
+struct AttentionBwd {
+    t: usize,
+    heads: usize,
+    scale: f64,
+}
+
+/// A matrix in memory: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+// The pointers address buffers that outlive the parallel loop, and each task writes only
+// its own head's columns.
+unsafe impl<T> Send for Mat<T> {}
+unsafe impl<T> Sync for Mat<T> {}
+
+impl<T> Mat<T> {
+    fn new(ptr: *const T, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs, cs }
+    }
+
+    fn t(self) -> Self {
+        Self::new(self.ptr, self.cs, self.rs)
+    }
+
+    fn add(self, offset: usize) -> Self {
+        Self::new(self.ptr.wrapping_add(offset), self.rs, self.cs)
+    }
+}
+
+/// `dst = lhs · rhs` for `[m, k] · [k, n]`, on this thread.
+///
+/// # Safety
+/// Every element the shapes and strides address lies in a live buffer, and `dst`'s
+/// elements are written by no one else meanwhile.
+unsafe fn matmul<T: Real>(m: usize, n: usize, k: usize, dst: Mat<T>, lhs: Mat<T>, rhs: Mat<T>) {
+    let s = |v: usize| v as isize;
+    // SAFETY: as the caller promises; gemm reads lhs and rhs and writes dst only.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr.cast_mut(),
+            s(dst.cs),
+            s(dst.rs),
+            false,
+            lhs.ptr,
+            s(lhs.cs),
+            s(lhs.rs),
+            rhs.ptr,
+            s(rhs.cs),
+            s(rhs.rs),
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `P = softmax(scale · S)` row by row in place, causal (0 above the diagonal).
+fn causal_softmax_rows<T: Real>(s: &mut [T], t: usize, scale: T) {
+    for (i, row) in s.chunks_mut(t).enumerate() {
+        let (keep, masked) = row.split_at_mut(i + 1);
+        let m = keep
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
+        let mut z = T::zero();
+        for v in keep.iter_mut() {
+            *v = (*v * scale - m).exp();
+            z += *v;
+        }
+        let zr = z.recip();
+        keep.iter_mut().for_each(|v| *v *= zr);
+        masked.iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+/// The attention probabilities of one head: `S = Q·Kᵀ`, then the causal softmax.
+///
+/// # Safety
+/// `q` and `k` address `[t, hd]` matrices in a live buffer.
+unsafe fn probs<T: Real>(p: &mut [T], q: Mat<T>, k: Mat<T>, d: Dims, scale: T) {
+    let t = d.t;
+    // SAFETY: `p` is a private [t, t] buffer; q and k as the caller promises.
+    unsafe {
+        matmul(
+            t,
+            t,
+            d.hd(),
+            Mat::new(p.as_mut_ptr().cast_const(), t, 1),
+            q,
+            k.t(),
+        )
+    };
+    causal_softmax_rows(p, t, scale);
+}
+
+fn attention_fwd<T: Real>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
+    let (t, c, hd) = (d.t, d.c, d.hd());
+    let scale = T::from_f64(scale);
+    let mut y = vec![T::zero(); d.b * t * c];
+    let x = Mat::new(qkv.as_ptr(), 3 * c, 1);
+    let out = Mat::new(y.as_mut_ptr().cast_const(), c, 1);
+    (0..d.b * d.h).into_par_iter().for_each(|bh| {
+        let (q, y) = (x.add(d.at(bh, 3 * c)), out.add(d.at(bh, c)));
+        let mut p = vec![T::zero(); t * t];
+        // SAFETY: q, k, v and this head's columns of y lie within qkv and y, which live
+        // until the loop ends; no other task writes these columns of y.
+        unsafe {
+            probs(&mut p, q, q.add(c), d, scale);
+            matmul(t, hd, t, y, Mat::new(p.as_ptr(), t, 1), q.add(2 * c));
+        }
+    });
+    y
+}
+
+fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
+    let (t, c, hd) = (d.t, d.c, d.hd());
+    let scale = T::from_f64(scale);
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let (x, g, dx) = (
+        Mat::new(qkv.as_ptr(), 3 * c, 1),
+        Mat::new(dy.as_ptr(), c, 1),
+        Mat::new(dqkv.as_mut_ptr().cast_const(), 3 * c, 1),
+    );
+    (0..d.b * d.h).into_par_iter().for_each(|bh| {
+        let (q, g) = (x.add(d.at(bh, 3 * c)), g.add(d.at(bh, c)));
+        let (k, v) = (q.add(c), q.add(2 * c));
+        let dq = dx.add(d.at(bh, 3 * c));
+        let mut p = vec![T::zero(); t * t];
+        let mut ds = vec![T::zero(); t * t];
+        // SAFETY: as in the forward; this head's columns of dqkv are written by this
+        // task alone, and `p` and `ds` are its own.
+        unsafe {
+            probs(&mut p, q, k, d, scale);
+            let pm = Mat::new(p.as_ptr(), t, 1);
+            matmul(t, hd, t, dq.add(2 * c), pm.t(), g);
+            matmul(
+                t,
+                t,
+                hd,
+                Mat::new(ds.as_mut_ptr().cast_const(), t, 1),
+                g,
+                v.t(),
+            );
+        }
+        for (i, (dr, pr)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+            let (dr, pr) = (&mut dr[..=i], &pr[..=i]);
+            let dot = dr.iter().zip(pr).fold(T::zero(), |a, (&x, &y)| a + x * y);
+            for (o, &pv) in dr.iter_mut().zip(pr) {
+                *o = scale * pv * (*o - dot);
+            }
+        }
+        // Above the diagonal P is 0, so dS is too: the gradient of a masked score.
+        for (i, dr) in ds.chunks_mut(t).enumerate() {
+            dr[i + 1..].iter_mut().for_each(|v| *v = T::zero());
+        }
+        let dsm = Mat::new(ds.as_ptr(), t, 1);
+        // SAFETY: as above.
+        unsafe {
+            matmul(t, hd, t, dq, dsm, k);
+            matmul(t, hd, t, dq.add(c), dsm.t(), q);
+        }
+    });
+    dqkv
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l, self.t, self.heads)?;
+        let y = by_dtype!(self.name(), [(s, l)], |x| attention_fwd(x, d, self.scale));
+        Ok((y, d.out_shape(l)))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let bwd = AttentionBwd {
+            t: self.t,
+            heads: self.heads,
+            scale: self.scale,
+        };
+        Ok(Some(qkv.apply_op2_no_bwd(&g.contiguous()?, &bwd)?))
+    }
+}
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "causal-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1, self.t, self.heads)?;
+        if *l2.shape() != d.out_shape(l1) {
+            candle_core::bail!("causal-attention-bwd: gradient {:?}", l2.shape());
+        }
+        let dx = by_dtype!(self.name(), [(s1, l1), (s2, l2)], |x, g| {
+            attention_bwd(x, g, d, self.scale)
+        });
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{check::value_and_grad, gpt::attention_composed};
+    use candle_core::{DType, Device};
+
+    fn max_abs(t: &Tensor) -> Result<f64> {
+        t.abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar()
+    }
+
+    #[test]
+    fn matches_the_composed_attention_in_value_and_gradient() -> Result<()> {
+        for (b, t, h, hd) in [(2, 19, 3, 4), (1, 1, 2, 3), (3, 40, 1, 8)] {
+            let c = h * hd;
+            let qkv = Tensor::randn(0f64, 1.5, (b, t, 3 * c), &Device::Cpu)?;
+            let up = Tensor::randn(0f64, 1.0, (b, t, c), &Device::Cpu)?;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let fused = |x: &Tensor| causal_attention(x, t, h, scale);
+            let composed = |x: &Tensor| attention_composed(x, h, scale, 0.0, None);
+            let (y1, g1) = value_and_grad(&fused, &qkv, &up)?;
+            let (y2, g2) = value_and_grad(&composed, &qkv, &up)?;
+            let (dy, dg) = (max_abs(&(&y1 - &y2)?)?, max_abs(&(&g1 - &g2)?)?);
+            let gmax = max_abs(&g2)?;
+            assert!(
+                dy < 1e-14 * max_abs(&y2)?,
+                "{b}x{t}x{h}x{hd}: values off by {dy:e}"
+            );
+            assert!(
+                gmax > 1e-2 && dg < 1e-13 * gmax,
+                "{b}x{t}x{h}x{hd}: gradients off by {dg:e} (largest {gmax})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_tracks_f64_and_a_bad_head_count_is_refused() -> Result<()> {
+        let qkv = Tensor::randn(0f64, 1.0, (2, 33, 48), &Device::Cpu)?;
+        let up = Tensor::randn(0f64, 1.0, (2, 33, 16), &Device::Cpu)?;
+        let f = |x: &Tensor| causal_attention(x, 33, 4, 0.5);
+        let (y64, g64) = value_and_grad(&f, &qkv, &up)?;
+        let (y32, g32) = value_and_grad(&f, &qkv.to_dtype(DType::F32)?, &up.to_dtype(DType::F32)?)?;
+        let off = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            Ok(max_abs(&(a.to_dtype(DType::F64)? - b)?)? / max_abs(b)?)
+        };
+        assert!(off(&y32, &y64)? < 1e-6 && off(&g32, &g64)? < 1e-5);
+        assert!(causal_attention(&qkv, 33, 5, 0.5).is_err());
+        assert!(causal_attention(&qkv, 32, 4, 0.5).is_err());
+        // Rows as one dimension, as the GPT's residual stream has them.
+        let flat = causal_attention(&qkv.reshape((66, 48))?, 33, 4, 0.5)?;
+        assert_eq!(flat.dims(), [66, 16]);
+        assert_eq!(max_abs(&(flat.reshape((2, 33, 16))? - &y64)?)?, 0.0);
+        Ok(())
+    }
+}
