@@ -16,7 +16,6 @@
 #![allow(unsafe_code)]
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
 use super::fused::{Real, by_dtype, contiguous_slice};
@@ -27,7 +26,7 @@ use super::fused::{Real, by_dtype, contiguous_slice};
 pub fn causal_attention(qkv: &Tensor, t: usize, heads: usize, scale: f64) -> Result<Tensor> {
     let c3 = qkv.dim(D::Minus1)?;
     let rows = qkv.elem_count() / c3.max(1);
-    if heads == 0 || c3 % (3 * heads) != 0 || t == 0 || rows % t != 0 {
+    if heads == 0 || !c3.is_multiple_of(3 * heads) || t == 0 || !rows.is_multiple_of(t) {
         candle_core::bail!(
             "causal-attention: qkv {:?} is not [batch·{t}, 3·c] with {heads} heads dividing c",
             qkv.dims()
@@ -152,16 +151,7 @@ unsafe fn matmul<T: Real>(m: usize, n: usize, k: usize, dst: Mat<T>, lhs: Mat<T>
 fn causal_softmax_rows<T: Real>(s: &mut [T], t: usize, scale: T) {
     for (i, row) in s.chunks_mut(t).enumerate() {
         let (keep, masked) = row.split_at_mut(i + 1);
-        let m = keep
-            .iter()
-            .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
-        let mut z = T::zero();
-        for v in keep.iter_mut() {
-            *v = (*v * scale - m).exp();
-            z += *v;
-        }
-        let zr = z.recip();
-        keep.iter_mut().for_each(|v| *v *= zr);
+        T::softmax(keep, scale);
         masked.iter_mut().for_each(|v| *v = T::zero());
     }
 }

@@ -14,7 +14,6 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
 };
 
-use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{
@@ -92,17 +91,9 @@ fn cpu_rows_fwd<T: Real>(x: &[T], t: usize, scale: f64) -> Vec<T> {
         .with_min_len(8)
         .for_each(|(r, (yr, xr))| {
             let i = r % t;
-            let (xr, yr) = (&xr[..=i], &mut yr[..=i]);
-            let m = xr
-                .iter()
-                .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
-            let mut z = T::zero();
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v * scale - m).exp();
-                z += *o;
-            }
-            let zr = z.recip();
-            yr.iter_mut().for_each(|o| *o *= zr);
+            let yr = &mut yr[..=i];
+            yr.copy_from_slice(&xr[..=i]);
+            T::softmax(yr, scale);
         });
     y
 }

@@ -22,19 +22,56 @@ use rayon::prelude::*;
 
 /// A float the fused CPU ops compute in: f32 or f64.
 pub(crate) trait Real: WithDType + Float {
-    /// The error function.
-    fn erf(self) -> Self;
+    /// `out = gelu(x)`, the exact (erf) form.
+    fn gelu(x: &[Self], out: &mut [Self]);
+    /// `out = g · gelu'(x)`.
+    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]);
+    /// `row = softmax(scale · row)` in place (`scale > 0`).
+    fn softmax(row: &mut [Self], scale: Self);
 }
 
+/// f32 through the vectorised forms of [`super::fastmath`].
 impl Real for f32 {
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
+    fn gelu(x: &[Self], out: &mut [Self]) {
+        super::fastmath::gelu(x, out)
+    }
+
+    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]) {
+        super::fastmath::gelu_grad(x, g, out)
+    }
+
+    fn softmax(row: &mut [Self], scale: Self) {
+        super::fastmath::softmax(row, scale)
     }
 }
 
+/// f64 through libm's `erf`: the precision the tests compare with.
 impl Real for f64 {
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
+    fn gelu(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = 0.5
+                * v
+                * (1.0 + candle_core::cpu::erf::erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
+        }
+    }
+
+    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]) {
+        let r2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+            let cdf =
+                0.5 * (1.0 + candle_core::cpu::erf::erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
+            *o = gv * (cdf + v * r2pi * (-0.5 * v * v).exp());
+        }
+    }
+
+    fn softmax(row: &mut [Self], scale: Self) {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let mut z = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v * scale - m).exp();
+            z += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= z);
     }
 }
 
@@ -274,27 +311,24 @@ struct Gelu;
 /// `(x, g) → g · gelu'(x)`.
 struct GeluBwd;
 
+/// Elements per task of the elementwise ops.
+const CHUNK: usize = 16_384;
+
 fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
-    let (half, one, r2) = (T::from_f64(0.5), T::one(), T::from_f64(1.0 / 2f64.sqrt()));
-    x.par_iter()
-        .with_min_len(4096)
-        .map(|&v| half * v * (one + (v * r2).erf()))
-        .collect()
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| T::gelu(x, y));
+    y
 }
 
 /// `gelu'(x) = Φ(x) + x·φ(x)`, the normal distribution's cdf and density.
 fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
-    let (half, one, r2) = (T::from_f64(0.5), T::one(), T::from_f64(1.0 / 2f64.sqrt()));
-    let r2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    x.par_iter()
-        .zip(g.par_iter())
-        .with_min_len(4096)
-        .map(|(&v, &gv)| {
-            let cdf = half * (one + (v * r2).erf());
-            let pdf = r2pi * (-half * v * v).exp();
-            gv * (cdf + v * pdf)
-        })
-        .collect()
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, g))| T::gelu_grad(x, g, dx));
+    dx
 }
 
 impl CustomOp1 for Gelu {

@@ -5,6 +5,7 @@ pub mod causal;
 pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod fastmath;
 pub(crate) mod fused;
 pub mod gpt;
 pub(crate) mod linear;
