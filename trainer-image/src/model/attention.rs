@@ -18,7 +18,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{Real, by_dtype, contiguous_slice};
+use super::{
+    fused::{Real, by_dtype, contiguous_slice},
+    gemm::{Mat, matmul},
+};
 
 /// The attention output `[rows, c]` of `heads` heads from `qkv` `[rows, 3·c]` (`q`, `k`,
 /// `v` side by side, each head's `c / heads` columns in order; `rows` is batch · `t`, or
@@ -87,66 +90,6 @@ struct AttentionBwd {
     scale: f64,
 }
 
-/// A matrix in memory: its first element and its row and column strides.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: usize,
-    cs: usize,
-}
-
-// The pointers address buffers that outlive the parallel loop, and each task writes only
-// its own head's columns.
-unsafe impl<T> Send for Mat<T> {}
-unsafe impl<T> Sync for Mat<T> {}
-
-impl<T> Mat<T> {
-    fn new(ptr: *const T, rs: usize, cs: usize) -> Self {
-        Self { ptr, rs, cs }
-    }
-
-    fn t(self) -> Self {
-        Self::new(self.ptr, self.cs, self.rs)
-    }
-
-    fn add(self, offset: usize) -> Self {
-        Self::new(self.ptr.wrapping_add(offset), self.rs, self.cs)
-    }
-}
-
-/// `dst = lhs · rhs` for `[m, k] · [k, n]`, on this thread.
-///
-/// # Safety
-/// Every element the shapes and strides address lies in a live buffer, and `dst`'s
-/// elements are written by no one else meanwhile.
-unsafe fn matmul<T: Real>(m: usize, n: usize, k: usize, dst: Mat<T>, lhs: Mat<T>, rhs: Mat<T>) {
-    let s = |v: usize| v as isize;
-    // SAFETY: as the caller promises; gemm reads lhs and rhs and writes dst only.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr.cast_mut(),
-            s(dst.cs),
-            s(dst.rs),
-            false,
-            lhs.ptr,
-            s(lhs.cs),
-            s(lhs.rs),
-            rhs.ptr,
-            s(rhs.cs),
-            s(rhs.rs),
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// `P = softmax(scale · S)` row by row in place, causal (0 above the diagonal).
 fn causal_softmax_rows<T: Real>(s: &mut [T], t: usize, scale: T) {
     for (i, row) in s.chunks_mut(t).enumerate() {
@@ -165,6 +108,7 @@ unsafe fn probs<T: Real>(p: &mut [T], q: Mat<T>, k: Mat<T>, d: Dims, scale: T) {
     // SAFETY: `p` is a private [t, t] buffer; q and k as the caller promises.
     unsafe {
         matmul(
+            false,
             t,
             t,
             d.hd(),
@@ -189,7 +133,7 @@ fn attention_fwd<T: Real>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
         // until the loop ends; no other task writes these columns of y.
         unsafe {
             probs(&mut p, q, q.add(c), d, scale);
-            matmul(t, hd, t, y, Mat::new(p.as_ptr(), t, 1), q.add(2 * c));
+            matmul(false, t, hd, t, y, Mat::new(p.as_ptr(), t, 1), q.add(2 * c));
         }
     });
     y
@@ -215,8 +159,9 @@ fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
         unsafe {
             probs(&mut p, q, k, d, scale);
             let pm = Mat::new(p.as_ptr(), t, 1);
-            matmul(t, hd, t, dq.add(2 * c), pm.t(), g);
+            matmul(false, t, hd, t, dq.add(2 * c), pm.t(), g);
             matmul(
+                false,
                 t,
                 t,
                 hd,
@@ -239,8 +184,8 @@ fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
         let dsm = Mat::new(ds.as_ptr(), t, 1);
         // SAFETY: as above.
         unsafe {
-            matmul(t, hd, t, dq, dsm, k);
-            matmul(t, hd, t, dq.add(c), dsm.t(), q);
+            matmul(false, t, hd, t, dq, dsm, k);
+            matmul(false, t, hd, t, dq.add(c), dsm.t(), q);
         }
     });
     dqkv

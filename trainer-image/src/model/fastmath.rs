@@ -16,13 +16,18 @@
 
 use std::f32::consts::{FRAC_1_SQRT_2, LOG2_E};
 
+/// Added to a float below 2²², `1.5 · 2²³` leaves it rounded to an integer in the low
+/// mantissa bits: a float-to-integer conversion without a (saturating, scalar) cast.
+const ROUND: f32 = 12_582_912.0;
+
 /// `e^x` for f32, branchless: `2^n · p(r)` with `x = n·ln 2 + r`, Cephes' polynomial.
 /// Arguments are clamped to [-87.3, 88.3]: below, the result is about 1.2e-38 (the
 /// smallest normal f32) rather than a subnormal or 0.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2_E + 0.5).floor();
+    let rounded = x * LOG2_E + ROUND;
+    let n = rounded - ROUND;
     // ln 2 in two parts, so that `x - n·ln 2` loses nothing.
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -30,7 +35,9 @@ pub(crate) fn exp(x: f32) -> f32 {
         * r
         + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n in two's complement, from the mantissa bits; then 2^n as an exponent field.
+    let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// `erfc(z)` for `z ≥ 0` (Numerical Recipes' `erfcc`).

@@ -401,7 +401,7 @@ fn add_tiled_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
-fn sum_tiles<T: Real>(g: &[T], width: usize) -> Vec<T> {
+pub(crate) fn sum_tiles<T: Real>(g: &[T], width: usize) -> Vec<T> {
     let partials = g
         .par_chunks(ROWS_PER_BLOCK * width)
         .map(|block| {

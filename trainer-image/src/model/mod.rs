@@ -5,8 +5,10 @@ pub mod causal;
 pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod dense;
 pub(crate) mod fastmath;
 pub(crate) mod fused;
+pub(crate) mod gemm;
 pub mod gpt;
 pub(crate) mod linear;
 pub mod llama;

@@ -291,7 +291,8 @@ pub fn cross_entropy_composed(
 
 /// `x @ w + b` for `x` `[.., in]` and a Conv1D-layout weight `w` `[in, out]` (Hugging
 /// Face GPT-2 stores its Linear layers this way). Flattens the leading dimensions so that
-/// one GEMM does the work (a 2-D `x` as it is: a reshape is a graph node).
+/// one GEMM does the work (a 2-D `x` as it is: a reshape is a graph node); on the CPU in
+/// f32/f64 as one fused op ([`super::dense`]).
 pub fn conv1d_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (lead, inner) = dims.split_at(dims.len() - 1);
@@ -302,10 +303,14 @@ pub fn conv1d_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     } else {
         x.reshape((n, inner[0]))?
     };
-    let y = x2.matmul(w)?;
-    let y = match b {
-        Some(b) => add_tiled(&y, b)?,
-        None => y,
+    let y = if super::dense::takes(&x2, w, b) {
+        super::dense::linear(&x2, w, b)?
+    } else {
+        let y = x2.matmul(w)?;
+        match b {
+            Some(b) => add_tiled(&y, b)?,
+            None => y,
+        }
     };
     if flat {
         return Ok(y);
