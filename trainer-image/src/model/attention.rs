@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::{
-    fused::{Real, by_dtype, contiguous_slice},
+    cpu::{Real, by_dtype},
     gemm::{Mat, matmul},
 };
 

@@ -17,7 +17,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::{
-    fused::{Real, by_dtype, contiguous_slice},
+    cpu::{Real, by_dtype},
     ops::softmax_last_dim_composed,
 };
 

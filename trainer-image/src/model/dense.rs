@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
-    fused::{Real, by_dtype, contiguous_slice, fusable, sum_tiles},
+    cpu::{Real, by_dtype, fusable, sum_tiles},
     gemm::{Mat, matmul, matmul_acc},
 };
 

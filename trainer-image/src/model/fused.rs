@@ -14,120 +14,11 @@
 //! The dispatching functions ([`layer_norm`], [`gelu`], [`add_tiled`]) take this path for
 //! CPU tensors of f32 or f64 and fall back to candle's ops elsewhere (a GPU, bf16).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, WithDType,
-};
-use num_traits::Float;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// A float the fused CPU ops compute in: f32 or f64.
-pub(crate) trait Real: WithDType + Float {
-    /// `out = gelu(x)`, the exact (erf) form.
-    fn gelu(x: &[Self], out: &mut [Self]);
-    /// `out = g · gelu'(x)`.
-    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]);
-    /// `row = softmax(scale · row)` in place (`scale > 0`).
-    fn softmax(row: &mut [Self], scale: Self);
-}
-
-/// f32 through the vectorised forms of [`super::fastmath`].
-impl Real for f32 {
-    fn gelu(x: &[Self], out: &mut [Self]) {
-        super::fastmath::gelu(x, out)
-    }
-
-    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]) {
-        super::fastmath::gelu_grad(x, g, out)
-    }
-
-    fn softmax(row: &mut [Self], scale: Self) {
-        super::fastmath::softmax(row, scale)
-    }
-}
-
-/// f64 through libm's `erf`: the precision the tests compare with.
-impl Real for f64 {
-    fn gelu(x: &[Self], out: &mut [Self]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = 0.5
-                * v
-                * (1.0 + candle_core::cpu::erf::erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
-        }
-    }
-
-    fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]) {
-        let r2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
-            let cdf =
-                0.5 * (1.0 + candle_core::cpu::erf::erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
-            *o = gv * (cdf + v * r2pi * (-0.5 * v * v).exp());
-        }
-    }
-
-    fn softmax(row: &mut [Self], scale: Self) {
-        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v * scale));
-        let mut z = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v * scale - m).exp();
-            z += *v;
-        }
-        row.iter_mut().for_each(|v| *v /= z);
-    }
-}
-
-/// Whether the fused CPU ops take `t`: a CPU tensor of f32 or f64.
-pub(crate) fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
-}
-
-/// Rows summed by one task of a reduction over rows; fixed, so that the order of the
-/// floating-point sums is too.
-const ROWS_PER_BLOCK: usize = 64;
-
-/// The elements of a contiguous tensor.
-pub(crate) fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> Result<&'a [T]> {
-    let v = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous tensor"),
-    }
-}
-
-/// `body` over the storages' elements as slices of f32 or f64, as the first storage's
-/// dtype says (the others must have it too), wrapped back into a storage.
-macro_rules! by_dtype {
-    ($op:expr, [$(($s:expr, $l:expr)),+], |$($v:ident),+| $body:expr) => {{
-        let first = [$($s),+][0];
-        match first {
-            CpuStorage::F32(_) => {
-                $(let $v = contiguous_slice::<f32>($s, $l, $op)?;)+
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(_) => {
-                $(let $v = contiguous_slice::<f64>($s, $l, $op)?;)+
-                CpuStorage::F64($body)
-            }
-            other => candle_core::bail!("{}: f32 or f64 on the CPU, got {:?}", $op, candle_core::backend::BackendStorage::dtype(other)),
-        }
-    }};
-}
-pub(crate) use by_dtype;
-
-/// The sum, in order, of the partial sums (each `width` wide) of fixed blocks of rows: the
-/// deterministic end of every reduction over rows here.
-fn sum_blocks<T: Real>(partials: Vec<Vec<T>>, width: usize) -> Vec<T> {
-    let mut acc = vec![T::zero(); width];
-    for p in partials {
-        for (a, v) in acc.iter_mut().zip(p) {
-            *a += v;
-        }
-    }
-    acc
-}
+use super::cpu::{ROWS_PER_BLOCK, sum_blocks, sum_tiles};
+pub(crate) use super::cpu::{Real, by_dtype, fusable};
 
 // ---------------------------------------------------------------------------------------
 // LayerNorm
@@ -401,22 +292,6 @@ fn add_tiled_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
-pub(crate) fn sum_tiles<T: Real>(g: &[T], width: usize) -> Vec<T> {
-    let partials = g
-        .par_chunks(ROWS_PER_BLOCK * width)
-        .map(|block| {
-            let mut p = vec![T::zero(); width];
-            for row in block.chunks(width) {
-                for (a, &v) in p.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-            p
-        })
-        .collect();
-    sum_blocks(partials, width)
-}
-
 impl CustomOp2 for AddTiled {
     fn name(&self) -> &'static str {
         "add-tiled"
@@ -469,6 +344,7 @@ impl CustomOp1 for SumTiles {
 mod tests {
     use super::*;
     use crate::model::ops::layer_norm_composed;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     /// Value and the gradients for each input of `Σ f(inputs) ⊙ w`.

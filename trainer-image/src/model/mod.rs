@@ -3,6 +3,7 @@
 pub(crate) mod attention;
 pub mod causal;
 pub mod check;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod dense;
