@@ -22,6 +22,11 @@ impl<T> Mat<T> {
         Self { ptr, rs, cs }
     }
 
+    /// The row stride.
+    pub(crate) fn rs(self) -> usize {
+        self.rs
+    }
+
     pub(crate) fn t(self) -> Self {
         Self::new(self.ptr, self.cs, self.rs)
     }
