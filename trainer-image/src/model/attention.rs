@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::{
-    cpu::{Real, by_dtype},
+    cpu::{Real, by_dtype, causal_softmax_row, causal_softmax_row_bwd},
     gemm::{Mat, matmul, matmul_acc},
 };
 
@@ -116,9 +116,7 @@ unsafe fn probs<T: Real>(
     // SAFETY: `p` is the caller's private buffer; q and k as it promises.
     unsafe { matmul(false, r1 - r0, r1, d.hd(), pm, q.add(r0 * q.rs()), k.t()) };
     for (i, row) in (r0..r1).zip(p.chunks_mut(t)) {
-        let (keep, masked) = row[..r1].split_at_mut(i + 1);
-        T::softmax(keep, scale);
-        masked.iter_mut().for_each(|v| *v = T::zero());
+        causal_softmax_row(&mut row[..r1], i, scale);
     }
 }
 
@@ -174,14 +172,7 @@ fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
                 matmul(false, rows, r1, hd, dsm, g_blk, v.t());
             }
             for (i, (dr, pr)) in (r0..r1).zip(ds.chunks_mut(t).zip(p.chunks(t))) {
-                let (keep, masked) = dr[..r1].split_at_mut(i + 1);
-                let pr = &pr[..=i];
-                let dot = keep.iter().zip(pr).fold(T::zero(), |a, (&x, &y)| a + x * y);
-                for (o, &pv) in keep.iter_mut().zip(pr) {
-                    *o = scale * pv * (*o - dot);
-                }
-                // Above the diagonal P is 0, so dS is too: a masked score's gradient.
-                masked.iter_mut().for_each(|v| *v = T::zero());
+                causal_softmax_row_bwd(&mut dr[..r1], pr, i, scale);
             }
             let dsm = Mat::new(ds.as_ptr(), t, 1);
             // SAFETY: as above.
@@ -241,16 +232,11 @@ impl CustomOp2 for AttentionBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{check::value_and_grad, gpt::attention_composed};
+    use crate::model::{
+        check::{max_abs, value_and_grad},
+        gpt::attention_composed,
+    };
     use candle_core::{DType, Device};
-
-    fn max_abs(t: &Tensor) -> Result<f64> {
-        t.abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar()
-    }
 
     #[test]
     fn matches_the_composed_attention_in_value_and_gradient() -> Result<()> {

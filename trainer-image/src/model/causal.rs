@@ -17,7 +17,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::{
-    cpu::{Real, by_dtype},
+    cpu::{Real, by_dtype, causal_softmax_row, causal_softmax_row_bwd},
     ops::softmax_last_dim_composed,
 };
 
@@ -84,37 +84,23 @@ fn last_dim(l: &Layout) -> Result<usize> {
 /// the scores' dtype.
 fn cpu_rows_fwd<T: Real>(x: &[T], t: usize, scale: f64) -> Vec<T> {
     let scale = T::from_f64(scale);
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = x.to_vec();
     y.par_chunks_mut(t)
-        .zip(x.par_chunks(t))
         .enumerate()
         .with_min_len(8)
-        .for_each(|(r, (yr, xr))| {
-            let i = r % t;
-            let yr = &mut yr[..=i];
-            yr.copy_from_slice(&xr[..=i]);
-            T::softmax(yr, scale);
-        });
+        .for_each(|(r, row)| causal_softmax_row(row, r % t, scale));
     y
 }
 
 /// `dx = scale · y ⊙ (g − Σ y ⊙ g)` per row, 0 above the diagonal.
 fn cpu_rows_bwd<T: Real>(y: &[T], g: &[T], t: usize, scale: f64) -> Vec<T> {
     let scale = T::from_f64(scale);
-    let mut dx = vec![T::zero(); y.len()];
+    let mut dx = g.to_vec();
     dx.par_chunks_mut(t)
         .zip(y.par_chunks(t))
-        .zip(g.par_chunks(t))
         .enumerate()
         .with_min_len(8)
-        .for_each(|(r, ((dr, yr), gr))| {
-            let i = r % t;
-            let (yr, gr) = (&yr[..=i], &gr[..=i]);
-            let d = yr.iter().zip(gr).fold(T::zero(), |a, (&p, &q)| a + p * q);
-            for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
-                *o = scale * p * (q - d);
-            }
-        });
+        .for_each(|(r, (row, yr))| causal_softmax_row_bwd(row, yr, r % t, scale));
     dx
 }
 

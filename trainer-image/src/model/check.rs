@@ -62,6 +62,43 @@ pub(crate) fn value_and_grad(
     Ok((y.detach(), g))
 }
 
+/// Value and the gradient of each input of `Σ f(inputs) ⊙ w`: [`value_and_grad`] for
+/// ops of several differentiable inputs.
+#[cfg(test)]
+pub(crate) fn value_and_grads(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[&Tensor],
+    w: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t))
+        .collect::<Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let store = y.broadcast_mul(w)?.sum_all()?.backward()?;
+    let grads = ts
+        .iter()
+        .map(|t| {
+            store
+                .get(t)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("an input got no gradient".into()))
+        })
+        .collect::<Result<_>>()?;
+    Ok((y.detach(), grads))
+}
+
+/// The largest magnitude in `t`, as f64.
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> Result<f64> {
+    t.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar()
+}
+
 fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
     let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let want = want.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;

@@ -131,3 +131,41 @@ pub(crate) fn sum_tiles<T: Real>(g: &[T], width: usize) -> Vec<T> {
         .collect();
     sum_blocks(partials, width)
 }
+
+/// Row `i` of a causal softmax, in place: `softmax(scale · row[..=i])`, 0 beyond.
+pub(crate) fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
+    let (keep, masked) = row.split_at_mut(i + 1);
+    T::softmax(keep, scale);
+    masked.fill(T::zero());
+}
+
+/// The backward of [`causal_softmax_row`], in place: `row` holds the gradient of the
+/// probabilities `p` on entry and that of the scores on return,
+/// `scale · p ⊙ (g − Σ p ⊙ g)` on `[..=i]` and 0 beyond (a masked score's gradient).
+pub(crate) fn causal_softmax_row_bwd<T: Real>(row: &mut [T], p: &[T], i: usize, scale: T) {
+    let (keep, masked) = row.split_at_mut(i + 1);
+    let p = &p[..=i];
+    let dot = keep.iter().zip(p).fold(T::zero(), |a, (&g, &y)| a + g * y);
+    for (o, &y) in keep.iter_mut().zip(p) {
+        *o = scale * y * (*o - dot);
+    }
+    masked.fill(T::zero());
+}
+
+/// The gradients a packed backward buffer holds for `inputs`, in order and each of its
+/// input's shape; `None` for an input that takes no gradient (a frozen or constant one).
+pub(crate) fn unpack_grads<const N: usize>(
+    packed: &Tensor,
+    inputs: [&Tensor; N],
+) -> Result<[Option<Tensor>; N]> {
+    let mut start = 0;
+    let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (slot, input) in out.iter_mut().zip(inputs) {
+        let len = input.elem_count();
+        if input.track_op() {
+            *slot = Some(packed.narrow(0, start, len)?.reshape(input.shape())?);
+        }
+        start += len;
+    }
+    Ok(out)
+}

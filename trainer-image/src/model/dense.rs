@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
-    cpu::{Real, by_dtype, fusable, sum_tiles},
+    cpu::{Real, by_dtype, fusable, sum_tiles, unpack_grads},
     gemm::{Mat, matmul, matmul_acc},
 };
 
@@ -49,10 +49,8 @@ struct DenseBwd;
 
 fn dense_fwd<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let out = b.len();
-    let (k, n) = (
-        w.len() / out.max(1),
-        x.len() / (w.len() / out.max(1)).max(1),
-    );
+    let k = w.len() / out.max(1);
+    let n = x.len() / k.max(1);
     let mut y = Vec::with_capacity(n * out);
     for _ in 0..n {
         y.extend_from_slice(b);
@@ -130,16 +128,9 @@ impl CustomOp3 for Dense {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (nx, nw, out) = (x.elem_count(), w.elem_count(), b.elem_count());
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &DenseBwd)?;
-        let part = |start: usize, len: usize, like: &Tensor| {
-            packed.narrow(0, start, len)?.reshape(like.shape())
-        };
-        Ok((
-            x.track_op().then(|| part(0, nx, x)).transpose()?,
-            w.track_op().then(|| part(nx, nw, w)).transpose()?,
-            b.track_op().then(|| part(nx + nw, out, b)).transpose()?,
-        ))
+        let [dx, dw, db] = unpack_grads(&packed, [x, w, b])?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -169,43 +160,8 @@ impl CustomOp3 for DenseBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
-
-    fn max_abs(t: &Tensor) -> Result<f64> {
-        t.abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar()
-    }
-
-    /// Value and the gradients of x, w and b of `Σ f(x, w, b) ⊙ up`.
-    fn run(
-        f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        up: &Tensor,
-    ) -> Result<Vec<Tensor>> {
-        let vars = [x, w, b]
-            .iter()
-            .map(|t| Var::from_tensor(t))
-            .collect::<Result<Vec<_>>>()?;
-        let y = f(
-            vars[0].as_tensor(),
-            vars[1].as_tensor(),
-            vars[2].as_tensor(),
-        )?;
-        let grads = (&y * up)?.sum_all()?.backward()?;
-        let mut out = vec![y.detach()];
-        for v in &vars {
-            let g = grads
-                .get(v.as_tensor())
-                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
-            out.push(g.clone());
-        }
-        Ok(out)
-    }
+    use crate::model::check::{max_abs, value_and_grads};
+    use candle_core::{Device, Var};
 
     #[test]
     fn matches_matmul_plus_bias_in_value_and_every_gradient() -> Result<()> {
@@ -216,8 +172,12 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (k, out), &dev)?;
         let b = Tensor::randn(0f64, 1.0, out, &dev)?;
         let up = Tensor::randn(0f64, 1.0, (n, out), &dev)?;
-        let fused = run(&|x, w, b| linear(x, w, Some(b)), &x, &w, &b, &up)?;
-        let composed = run(&|x, w, b| x.matmul(w)?.broadcast_add(b), &x, &w, &b, &up)?;
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<Vec<Tensor>> {
+            let (y, grads) = value_and_grads(f, &[&x, &w, &b], &up)?;
+            Ok([vec![y], grads].concat())
+        };
+        let fused = run(&|t| linear(&t[0], &t[1], Some(&t[2])))?;
+        let composed = run(&|t| t[0].matmul(&t[1])?.broadcast_add(&t[2]))?;
         for (name, a, r) in ["value", "dx", "dw", "db"]
             .iter()
             .zip(&fused)

@@ -17,8 +17,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{ROWS_PER_BLOCK, sum_blocks, sum_tiles};
-pub(crate) use super::cpu::{Real, by_dtype, fusable};
+use super::cpu::{ROWS_PER_BLOCK, Real, by_dtype, fusable, sum_blocks, sum_tiles, unpack_grads};
 
 // ---------------------------------------------------------------------------------------
 // LayerNorm
@@ -150,16 +149,9 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (len, c) = (x.elem_count(), w.elem_count());
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, len, c)?.reshape(w.shape())?;
-        let db = packed.narrow(0, len + c, c)?.reshape(b.shape())?;
-        Ok((
-            Some(dx),
-            w.track_op().then_some(dw),
-            b.track_op().then_some(db),
-        ))
+        let [dx, dw, db] = unpack_grads(&packed, [x, w, b])?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -343,45 +335,14 @@ impl CustomOp1 for SumTiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::layer_norm_composed;
-    use candle_core::DType;
-    use candle_core::{Device, Var};
-
-    /// Value and the gradients for each input of `Σ f(inputs) ⊙ w`.
-    fn value_and_grads(
-        f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-        inputs: &[&Tensor],
-        w: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let vars = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t))
-            .collect::<Result<Vec<_>>>()?;
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = f(&ts)?;
-        let store = y.broadcast_mul(w)?.sum_all()?.backward()?;
-        let grads = ts
-            .iter()
-            .map(|t| {
-                store
-                    .get(t)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg("an input got no gradient".into()))
-            })
-            .collect::<Result<_>>()?;
-        Ok((y.detach(), grads))
-    }
+    use crate::model::{
+        check::{max_abs, value_and_grads},
+        ops::layer_norm_composed,
+    };
+    use candle_core::{DType, Device};
 
     fn randn(shape: &[usize], std: f64) -> Result<Tensor> {
         Tensor::randn(0f64, std, shape, &Device::Cpu)
-    }
-
-    fn max_abs(t: &Tensor) -> Result<f64> {
-        t.abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar()
     }
 
     /// Largest difference relative to the reference's largest magnitude, which must not

@@ -2,7 +2,7 @@
 //! CPU matmul uses), for the fused CPU ops that multiply in place.
 #![allow(unsafe_code)]
 
-use super::fused::Real;
+use super::cpu::Real;
 
 /// A matrix in memory: its first element and its row and column strides.
 #[derive(Clone, Copy)]
