@@ -336,4 +336,27 @@ mod tests {
         assert!(!c.passed());
         Ok(())
     }
+
+    /// candle-core is patched (vendor/README.md) to store the first gradient reaching a
+    /// node instead of adding it into zeros: a node reached twice must still get the sum,
+    /// a subtracted one the negation, and a gradient shared by two nodes must stay theirs.
+    #[test]
+    fn patched_backward_sums_every_gradient_reaching_a_node() -> Result<()> {
+        let x = Var::new(&[1.5f64, -2.0, 0.25], &Device::Cpu)?;
+        let y = Var::new(&[0.5f64, 3.0, -1.0], &Device::Cpu)?;
+        // f = Σ (x·x + x) − Σ (y − x·y) − Σ (x + y)
+        //   ⇒ ∂f/∂x = 2x + 1 + y − 1 = 2x + y,   ∂f/∂y = −1 + x − 1 = x − 2.
+        let f = ((x.mul(&x)? + x.as_tensor())?.sum_all()?
+            - (y.as_tensor() - x.mul(&y)?)?.sum_all()?)?;
+        let f = (f - (x.as_tensor() + y.as_tensor())?.sum_all()?)?;
+        let grads = f.backward()?;
+        let gx = grads.get(&x).expect("x has a gradient").to_vec1::<f64>()?;
+        let gy = grads.get(&y).expect("y has a gradient").to_vec1::<f64>()?;
+        assert_eq!(
+            gx,
+            vec![2.0 * 1.5 + 0.5, 2.0 * -2.0 + 3.0, 2.0 * 0.25 - 1.0]
+        );
+        assert_eq!(gy, vec![1.5 - 2.0, -2.0 - 2.0, 0.25 - 2.0]);
+        Ok(())
+    }
 }
