@@ -2,6 +2,10 @@
 //! tests), their storages as slices, and deterministic reductions over rows (fixed
 //! blocks of rows summed in a fixed order, whatever the thread count).
 
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -14,6 +18,8 @@ pub(crate) trait Real: WithDType + Float {
     fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]);
     /// `row = softmax(scale · row)` in place (`scale > 0`).
     fn softmax(row: &mut [Self], scale: Self);
+    /// The elements of a storage of this dtype, mutably.
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
 }
 
 /// f32 through the vectorised forms of [`super::fastmath`].
@@ -28,6 +34,13 @@ impl Real for f32 {
 
     fn softmax(row: &mut [Self], scale: Self) {
         super::fastmath::softmax(row, scale)
+    }
+
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            other => candle_core::bail!("expected f32, got {:?}", other.dtype()),
+        }
     }
 }
 
@@ -59,6 +72,13 @@ impl Real for f64 {
         }
         row.iter_mut().for_each(|v| *v /= z);
     }
+
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            other => candle_core::bail!("expected f64, got {:?}", other.dtype()),
+        }
+    }
 }
 
 /// Whether the fused CPU ops take `t`: a CPU tensor of f32 or f64.
@@ -81,6 +101,44 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
     }
+}
+
+/// `f` on the elements of the contiguous CPU tensor `t`, borrowed mutably through
+/// candle's in-place op hook (which holds `t`'s storage lock meanwhile). Calls may nest
+/// on tensors of distinct storages; on the same storage they would deadlock.
+pub(crate) fn with_slice_mut<T: Real, R>(
+    t: &Tensor,
+    f: impl FnOnce(&mut [T]) -> Result<R>,
+) -> Result<R> {
+    struct Once<T, F, R> {
+        f: RefCell<Option<F>>,
+        out: RefCell<Option<Result<R>>>,
+        dtype: PhantomData<T>,
+    }
+    impl<T: Real, F: FnOnce(&mut [T]) -> Result<R>, R> candle_core::InplaceOp1 for Once<T, F, R> {
+        fn name(&self) -> &'static str {
+            "taper-slice-mut"
+        }
+
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+            if let Some(f) = self.f.borrow_mut().take() {
+                *self.out.borrow_mut() = Some(f(&mut T::slice_mut(s)?[a..b]));
+            }
+            Ok(())
+        }
+    }
+    let op = Once {
+        f: RefCell::new(Some(f)),
+        out: RefCell::new(None),
+        dtype: PhantomData::<T>,
+    };
+    t.inplace_op1(&op)?;
+    op.out
+        .into_inner()
+        .unwrap_or_else(|| candle_core::bail!("with_slice_mut: {:?} is not on the CPU", t.device()))
 }
 
 /// `body` over the storages' elements as slices of f32 or f64, as the first storage's

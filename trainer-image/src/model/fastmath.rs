@@ -111,60 +111,98 @@ fn softmax_generic(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v *= r);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_avx2(x: &[f32], out: &mut [f32]) {
-    gelu_generic(x, out)
+/// `$name` built for one instruction set: the portable body, compiled with its features
+/// so that the compiler vectorises it to that width.
+macro_rules! built_for {
+    ($features:literal, $name:ident, $generic:ident, ($($arg:ident: $ty:ty),+)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        fn $name($($arg: $ty),+) {
+            $generic($($arg),+)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_grad_avx2(x: &[f32], g: &[f32], out: &mut [f32]) {
-    gelu_grad_generic(x, g, out)
+built_for!("avx2,fma", gelu_avx2, gelu_generic, (x: &[f32], out: &mut [f32]));
+built_for!("avx2,fma", gelu_grad_avx2, gelu_grad_generic, (x: &[f32], g: &[f32], out: &mut [f32]));
+built_for!("avx2,fma", softmax_avx2, softmax_generic, (row: &mut [f32], scale: f32));
+built_for!("avx512f,avx512dq,avx512vl,avx2,fma", gelu_avx512, gelu_generic, (x: &[f32], out: &mut [f32]));
+built_for!("avx512f,avx512dq,avx512vl,avx2,fma", gelu_grad_avx512, gelu_grad_generic, (x: &[f32], g: &[f32], out: &mut [f32]));
+built_for!("avx512f,avx512dq,avx512vl,avx2,fma", softmax_avx512, softmax_generic, (row: &mut [f32], scale: f32));
+
+/// The widest instruction set of this CPU that the functions here are built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn softmax_avx2(row: &mut [f32], scale: f32) {
-    softmax_generic(row, scale)
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+/// `$generic` or its build for `$isa`, or for the CPU's [`isa`] if that is lower.
+macro_rules! dispatch {
+    ($isa:expr, $generic:ident, $avx2:ident, $avx512:ident, ($($arg:expr),+)) => {{
+        // Never above the CPU's, whatever was asked.
+        let level: Isa = std::cmp::min($isa, isa());
+        match level {
+            // SAFETY: the CPU has the features the function is built for (`isa()`).
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Isa::Avx512 => unsafe { $avx512($($arg),+) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Isa::Avx2 => unsafe { $avx2($($arg),+) },
+            _ => $generic($($arg),+),
+        }
+    }};
 }
 
 /// `out = gelu(x)`, exact (erf) form.
 pub(crate) fn gelu(x: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        #[allow(unsafe_code)]
-        return unsafe { gelu_avx2(x, out) };
-    }
-    gelu_generic(x, out)
+    dispatch!(isa(), gelu_generic, gelu_avx2, gelu_avx512, (x, out))
 }
 
 /// `out = g · gelu'(x)`, `gelu'(x) = Φ(x) + x·φ(x)`.
 pub(crate) fn gelu_grad(x: &[f32], g: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        #[allow(unsafe_code)]
-        return unsafe { gelu_grad_avx2(x, g, out) };
-    }
-    gelu_grad_generic(x, g, out)
+    dispatch!(
+        isa(),
+        gelu_grad_generic,
+        gelu_grad_avx2,
+        gelu_grad_avx512,
+        (x, g, out)
+    )
 }
 
 /// `row = softmax(scale · row)` in place, for `scale > 0`.
 pub(crate) fn softmax(row: &mut [f32], scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        #[allow(unsafe_code)]
-        return unsafe { softmax_avx2(row, scale) };
-    }
-    softmax_generic(row, scale)
+    dispatch!(
+        isa(),
+        softmax_generic,
+        softmax_avx2,
+        softmax_avx512,
+        (row, scale)
+    )
 }
 
 #[cfg(test)]
@@ -186,6 +224,14 @@ mod tests {
         ((got as f64) - want).abs() / want.abs()
     }
 
+    /// Every build this CPU can run, the portable one first.
+    fn levels() -> Vec<Isa> {
+        let all = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+        let levels: Vec<Isa> = all.into_iter().filter(|&l| l <= isa()).collect();
+        eprintln!("fastmath builds tested: {levels:?}");
+        levels
+    }
+
     fn grid(lo: f32, hi: f32, n: usize) -> Vec<f32> {
         (0..=n)
             .map(|i| lo + (hi - lo) * i as f32 / n as f32)
@@ -203,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn gelu_and_its_gradient_match_the_erf_form_on_both_paths() {
+    fn gelu_and_its_gradient_match_the_erf_form_on_every_build() {
         let x = grid(-12.0, 12.0, 100_001);
         let g: Vec<f32> = x.iter().map(|v| 1.0 + 0.25 * v.sin()).collect();
         // (gelu, gelu', the size of gelu''s terms: its zero near -0.75 is a cancellation).
@@ -228,17 +274,23 @@ mod tests {
             }
         };
         let mut y = vec![0.0; x.len()];
-        gelu_generic(&x, &mut y);
         let value = |v: f32| (want(v).0, want(v).0.abs());
-        check("portable gelu", &y, &value);
-        gelu(&x, &mut y);
-        check("dispatched gelu", &y, &value);
         let gv = |v: f32| 1.0 + 0.25 * (v as f64).sin();
         let grad = |v: f32| (gv(v) * want(v).1, gv(v) * want(v).2);
-        gelu_grad_generic(&x, &g, &mut y);
-        check("portable gradient", &y, &grad);
-        gelu_grad(&x, &g, &mut y);
-        check("dispatched gradient", &y, &grad);
+        for level in levels() {
+            dispatch!(level, gelu_generic, gelu_avx2, gelu_avx512, (&x, &mut y));
+            check(&format!("{level:?} gelu"), &y, &value);
+            dispatch!(
+                level,
+                gelu_grad_generic,
+                gelu_grad_avx2,
+                gelu_grad_avx512,
+                (&x, &g, &mut y)
+            );
+            check(&format!("{level:?} gradient"), &y, &grad);
+        }
+        gelu(&x, &mut y);
+        check("dispatched gelu", &y, &value);
     }
 
     #[test]
@@ -254,12 +306,16 @@ mod tests {
                 .map(|&v| (v as f64 * scale as f64 - m).exp())
                 .collect();
             let z: f64 = e.iter().sum();
-            for (name, f) in [
-                ("portable", softmax_generic as fn(&mut [f32], f32)),
-                ("dispatched", softmax),
-            ] {
+            for level in levels() {
+                let name = format!("{level:?}");
                 let mut got = row.clone();
-                f(&mut got, scale);
+                dispatch!(
+                    level,
+                    softmax_generic,
+                    softmax_avx2,
+                    softmax_avx512,
+                    (&mut got, scale)
+                );
                 for (g, w) in got.iter().zip(&e) {
                     let e = rel(*g, w / z);
                     assert!(e < 1e-6, "{name}, {n} wide: {g} against {} ({e:e})", w / z);
