@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::{
-    cpu::{Real, by_dtype, causal_softmax_row, causal_softmax_row_bwd},
+    cpu::{Real, by_dtype, causal_softmax_row, causal_softmax_row_bwd, for_overwrite},
     gemm::{Mat, matmul, matmul_acc},
 };
 
@@ -123,7 +123,8 @@ unsafe fn probs<T: Real>(
 fn attention_fwd<T: Real>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
     let (t, c, hd) = (d.t, d.c, d.hd());
     let scale = T::from_f64(scale);
-    let mut y = vec![T::zero(); d.b * t * c];
+    // SAFETY: each (batch, head) task overwrites its columns of every row of y.
+    let mut y: Vec<T> = unsafe { for_overwrite(d.b * t * c) };
     let x = Mat::new(qkv.as_ptr(), 3 * c, 1);
     let out = Mat::new(y.as_mut_ptr().cast_const(), c, 1);
     (0..d.b * d.h).into_par_iter().for_each(|bh| {

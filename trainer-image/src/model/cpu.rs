@@ -103,6 +103,22 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     }
 }
 
+/// A buffer of `n` elements for a kernel that writes every one of them before anything
+/// reads it: `vec![0; n]` without the zero fill, a pass over memory that such a kernel's
+/// own writes make redundant (about 800 MB a step of the baby GPT, 2.5 % of its time).
+/// candle's CPU backend allocates its own outputs the same way.
+///
+/// # Safety
+/// The caller writes every element before any is read.
+#[allow(unsafe_code, clippy::uninit_vec)]
+pub(crate) unsafe fn for_overwrite<T: Real>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: capacity n; f32 and f64 have no invalid bit patterns, and the caller
+    // promises to write each element before reading it.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `f` on the elements of the contiguous CPU tensor `t`, borrowed mutably through
 /// candle's in-place op hook (which holds `t`'s storage lock meanwhile). Calls may nest
 /// on tensors of distinct storages; on the same storage they would deadlock.

@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
-    cpu::{Real, by_dtype, fusable, sum_tiles, unpack_grads},
+    cpu::{Real, by_dtype, for_overwrite, fusable, sum_tiles, unpack_grads},
     gemm::{Mat, matmul, matmul_acc},
 };
 
@@ -75,7 +75,14 @@ fn dense_fwd<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
 fn dense_bwd<T: Real>(x: &[T], w: &[T], g: &[T], out: usize) -> Vec<T> {
     let k = w.len() / out.max(1);
     let n = x.len() / k.max(1);
-    let mut packed = vec![T::zero(); x.len() + w.len() + out];
+    let len = x.len() + w.len() + out;
+    let mut packed = if n == 0 || k == 0 || out == 0 {
+        // Products over an empty dimension may leave their destination unwritten.
+        vec![T::zero(); len]
+    } else {
+        // SAFETY: dx and dw are overwritten by the products below, db by the copy after.
+        unsafe { for_overwrite(len) }
+    };
     let (xm, wm, gm) = (
         Mat::new(x.as_ptr(), k, 1),
         Mat::new(w.as_ptr(), out, 1),

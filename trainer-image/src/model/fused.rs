@@ -17,7 +17,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{ROWS_PER_BLOCK, Real, by_dtype, fusable, sum_blocks, sum_tiles, unpack_grads};
+use super::cpu::{
+    ROWS_PER_BLOCK, Real, by_dtype, for_overwrite, fusable, sum_blocks, sum_tiles, unpack_grads,
+};
 
 // ---------------------------------------------------------------------------------------
 // LayerNorm
@@ -69,7 +71,9 @@ fn moments<T: Real>(row: &[T], eps: T) -> (T, T) {
 fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let c = w.len();
     let eps = T::from_f64(eps);
-    let mut y = vec![T::zero(); x.len()];
+    // SAFETY: every row of y is written below.
+    #[allow(unsafe_code)]
+    let mut y = unsafe { for_overwrite(x.len()) };
     y.par_chunks_mut(c)
         .zip(x.par_chunks(c))
         .with_min_len(16)
@@ -87,7 +91,9 @@ fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 fn ln_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let c = w.len();
     let (n, eps) = (T::from_f64(c as f64), T::from_f64(eps));
-    let mut out = vec![T::zero(); x.len() + 2 * c];
+    // SAFETY: dx (every row) and then dw and db are written below.
+    #[allow(unsafe_code)]
+    let mut out = unsafe { for_overwrite(x.len() + 2 * c) };
     let (dx, wb) = out.split_at_mut(x.len());
     let block = ROWS_PER_BLOCK * c;
     let partials: Vec<Vec<T>> = dx
@@ -198,7 +204,9 @@ struct GeluBwd;
 const CHUNK: usize = 16_384;
 
 fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+    // SAFETY: `T::gelu` writes every element of each chunk.
+    #[allow(unsafe_code)]
+    let mut y = unsafe { for_overwrite(x.len()) };
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| T::gelu(x, y));
@@ -207,7 +215,9 @@ fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
 
 /// `gelu'(x) = Φ(x) + x·φ(x)`, the normal distribution's cdf and density.
 fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut dx = vec![T::zero(); x.len()];
+    // SAFETY: `T::gelu_grad` writes every element of each chunk.
+    #[allow(unsafe_code)]
+    let mut dx = unsafe { for_overwrite(x.len()) };
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(dx, (x, g))| T::gelu_grad(x, g, dx));
@@ -271,7 +281,9 @@ struct SumTiles {
 }
 
 fn add_tiled_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+    // SAFETY: every row of y is written below.
+    #[allow(unsafe_code)]
+    let mut y = unsafe { for_overwrite(x.len()) };
     let rows = (4096 / b.len().max(1)).max(1);
     y.par_chunks_mut(b.len())
         .zip(x.par_chunks(b.len()))
