@@ -10,11 +10,11 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
-        Controller,
+        Controller, PredicateConfig, WatchStreamExt,
         controller::Config as ControllerConfig,
         events::{Recorder, Reporter},
-        reflector::{ObjectRef, Store},
-        watcher,
+        reflector::{self, ObjectRef, Store, reflector},
+        watcher::{self, watcher},
     },
 };
 use taper_crds::{Dataset, FinetuneJob, PretrainJob};
@@ -36,6 +36,49 @@ where
             .map(|ns| Api::namespaced(client.clone(), ns))
             .collect(),
     }
+}
+
+/// The status fields the operator applies itself ([`crate::controller::OperatorStatus`]).
+const OWN_STATUS: [&str; 7] = [
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "restarts",
+    "podName",
+    "startTime",
+    "completionTime",
+];
+
+/// A hash of what in a resource can call for a reconcile: all of it but its
+/// `resourceVersion`, its managed fields and the status fields the operator applies.
+/// Events whose hash is unchanged wake no reconcile, so the operator's own status apply
+/// (one event per resource and reconcile) does not queue another reconcile; a change of
+/// spec, labels, finalizers or deletion, or of the trainer's live figures, does.
+pub fn trigger_hash<K: serde::Serialize>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut v = serde_json::to_value(obj).ok()?;
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    if let Some(status) = v.get_mut("status").and_then(|s| s.as_object_mut()) {
+        for field in OWN_STATUS {
+            status.remove(field);
+        }
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// A controller for `K` from `api` whose own watch passes only [`trigger_hash`] changes.
+fn controller<K: TaperKind>(api: Api<K>) -> Controller<K> {
+    let (reader, writer) = reflector::store();
+    let trigger = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(trigger_hash::<K>, PredicateConfig::default());
+    Controller::for_stream(trigger, reader)
 }
 
 fn owned_jobs() -> watcher::Config {
@@ -105,7 +148,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         .zip(apis::<PretrainJob>(&client, &namespaces))
         .map(|(((a, j), d), p)| (a, j, d, p))
     {
-        let c = Controller::new(api, watcher::Config::default())
+        let c = controller(api)
             .owns(jobs.clone(), owned_jobs())
             .with_config(controller_config.clone());
         dataset_stores.push(c.store());
@@ -117,7 +160,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         );
 
         // PretrainJobs: also woken when their Dataset changes.
-        let c = Controller::new(pretrains.clone(), watcher::Config::default())
+        let c = controller(pretrains.clone())
             .owns(jobs.clone(), owned_jobs())
             .with_config(controller_config.clone());
         let store = c.store();
@@ -147,7 +190,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
             None => Api::all(client.clone()),
             Some(_) => Api::namespaced(client.clone(), &datasets_namespace(&datasets)),
         };
-        let c = Controller::new(ns_api, watcher::Config::default())
+        let c = controller(ns_api)
             .owns(jobs, owned_jobs())
             .with_config(controller_config.clone());
         let store = c.store();
@@ -249,4 +292,64 @@ pub async fn lead(
         }
     }
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::trigger_hash;
+
+    fn job() -> Value {
+        json!({
+            "apiVersion": "taper.dev/v1alpha1",
+            "kind": "PretrainJob",
+            "metadata": {
+                "name": "gpt", "namespace": "ml", "uid": "u1", "generation": 1,
+                "resourceVersion": "10", "labels": {"team": "a"},
+                "managedFields": [{"manager": "taper-operator"}]
+            },
+            "spec": {"maxSteps": 100},
+            "status": {
+                "phase": "Pending", "conditions": [], "observedGeneration": 1,
+                "progress": {"step": 10}
+            }
+        })
+    }
+
+    fn changed(edit: impl FnOnce(&mut Value)) -> bool {
+        let mut other = job();
+        edit(&mut other);
+        trigger_hash(&job()) != trigger_hash(&other)
+    }
+
+    #[test]
+    fn only_the_operators_own_status_and_bookkeeping_wake_no_reconcile() {
+        // What the operator's own status apply changes.
+        assert!(!changed(|j| {
+            j["metadata"]["resourceVersion"] = json!("11");
+            j["metadata"]["managedFields"] = json!([{"manager": "x"}]);
+            j["status"]["phase"] = json!("Running");
+            j["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+            j["status"]["observedGeneration"] = json!(2);
+            j["status"]["restarts"] = json!(1);
+            j["status"]["podName"] = json!("gpt-pretrain-x");
+            j["status"]["startTime"] = json!("2026-11-30T00:00:00Z");
+            j["status"]["completionTime"] = json!("2026-11-30T01:00:00Z");
+        }));
+        // What a person, Kueue, deletion or the trainer changes.
+        assert!(changed(|j| j["spec"]["maxSteps"] = json!(200)));
+        assert!(changed(|j| j["metadata"]["generation"] = json!(2)));
+        assert!(changed(
+            |j| j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = json!("q")
+        ));
+        assert!(changed(
+            |j| j["metadata"]["finalizers"] = json!(["taper.dev/storage"])
+        ));
+        assert!(changed(
+            |j| j["metadata"]["deletionTimestamp"] = json!("2026-11-30T00:00:00Z")
+        ));
+        assert!(changed(|j| j["status"]["progress"]["step"] = json!(20)));
+        assert!(changed(|j| j["metadata"]["uid"] = json!("u2")));
+    }
 }
