@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
     cpu::{Real, by_dtype, for_overwrite, fusable, sum_tiles, unpack_grads},
-    gemm::{Mat, matmul, matmul_acc},
+    gemm::{Mat, matmul_acc, matmul_on},
 };
 
 /// Whether [`linear`] takes these operands: 2-D `x`, and everything a CPU tensor of one
@@ -89,20 +89,19 @@ fn dense_bwd<T: Real>(x: &[T], w: &[T], g: &[T], out: usize) -> Vec<T> {
         Mat::new(g.as_ptr(), out, 1),
     );
     let base = packed.as_mut_ptr().cast_const();
+    // dx and dw take the same number of multiply-adds: run them side by side, each on
+    // half the threads, rather than one after the other on all of them (no gemm has to
+    // synchronise its threads with the other's).
+    let threads = rayon::current_num_threads();
+    let (a, b) = (threads.div_ceil(2), threads / 2);
+    let (dx, dw) = (Mat::new(base, k, 1), Mat::new(base, out, 1).add(n * k));
     // SAFETY: dx is packed[..n·k] ([n, k]) and dw packed[n·k..n·k + k·out] ([k, out]),
-    // disjoint; the operands are live, contiguous and only read.
-    unsafe {
-        matmul(true, n, k, out, Mat::new(base, k, 1), gm, wm.t());
-        matmul(
-            true,
-            k,
-            out,
-            n,
-            Mat::new(base.add(n * k), out, 1),
-            xm.t(),
-            gm,
-        );
-    }
+    // disjoint, each written by one product alone; the operands are live, contiguous and
+    // only read.
+    rayon::join(
+        || unsafe { matmul_on(a, false, n, k, out, dx, gm, wm.t()) },
+        || unsafe { matmul_on(b.max(1), false, k, out, n, dw, xm.t(), gm) },
+    );
     packed[x.len() + w.len()..].copy_from_slice(&sum_tiles(g, out));
     packed
 }

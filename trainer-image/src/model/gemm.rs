@@ -53,9 +53,32 @@ pub(crate) unsafe fn matmul_acc<T: Real>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) {
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    // SAFETY: as the caller promises.
+    unsafe { matmul_on(threads, accumulate, m, n, k, dst, lhs, rhs) }
+}
+
+/// [`matmul_acc`] on `threads` threads of the rayon pool (1: this thread alone).
+///
+/// # Safety
+/// As [`matmul_acc`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_on<T: Real>(
+    threads: usize,
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Mat<T>,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     let s = |v: usize| v as isize;
-    let threads = rayon::current_num_threads();
-    let parallelism = if parallel && threads > 1 {
+    let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
