@@ -420,6 +420,12 @@ def main():
                     help="extra kube-controller-manager flags, e.g. '--kube-api-qps=200 --kube-api-burst=400' "
                          "(its default client limit of 20 requests/s bounds how fast the Job controller creates pods)")
     ap.add_argument("--dir", type=Path, help="cluster folder, kept (default: a temporary one, removed)")
+    ap.add_argument("--dump", type=Path,
+                    help="write each PretrainJob's, Job's and pod's arrival time (Unix seconds) to this JSON file, "
+                         "to line up with the operator's log (--rust-log)")
+    ap.add_argument("--rust-log", default="warn",
+                    help="the operator's RUST_LOG (warn); e.g. 'warn,kube_client=debug' logs every request "
+                         "into DIR/operator.log, with --dir")
     args = ap.parse_args()
     started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     command = " ".join(["python3", *sys.argv])
@@ -488,7 +494,7 @@ def main():
             TAPER_METRICS_ADDR=metrics_addr,
             TAPER_HEALTH_ADDR=health_addr,
             TAPER_RECONCILE_CONCURRENCY=str(args.concurrency),
-            RUST_LOG="warn",
+            RUST_LOG=args.rust_log,
         )
         log(f"starting {operator} ({profile}), concurrency {args.concurrency}")
         op_log = open(cdir / "operator.log", "w")
@@ -585,6 +591,11 @@ def main():
         elif own_dir:
             log(f"kept {cdir} (logs) after a failed run")
 
+    if args.dump and result is not None:
+        wall = time.time() - time.monotonic()
+        args.dump.write_text(json.dumps({
+            kind: {k: v + wall for k, v in result[kind].items()} for kind in ("pj", "jobs", "pods")
+        }))
     report(args, result, command, started_at, operator, profile, notes, cdir)
 
 
@@ -647,7 +658,7 @@ def report(args, r, command, started_at, operator, profile, notes, cdir):
     print(f"# Taper operator scale benchmark, {started_at}")
     print(f"# command:  {command}")
     print(f"# operator: {operator} (profile: {profile}), reconcile concurrency "
-          f"{args.concurrency}, RUST_LOG=warn")
+          f"{args.concurrency}, RUST_LOG={args.rust_log}")
     print(f"# cluster:  taper-e2e up --no-runner (etcd, kube-apiserver, "
           f"kube-controller-manager; pods unbound), {os.cpu_count()} CPUs; "
           f"kube-controller-manager flags: {args.kcm_args or 'defaults (client limit 20 requests/s)'}")

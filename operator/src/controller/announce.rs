@@ -85,14 +85,14 @@ pub(super) async fn announce<K: TaperKind>(
                 "pod {name} was disrupted ({reason}: {message}); the Job replaces it without \
                  counting a restart, and the new pod resumes from the latest checkpoint"
             );
-            event(ctx, obj, EventType::Warning, "Preempted", note).await;
+            event(ctx, obj, EventType::Warning, "Preempted", note);
         }
     }
     if let Some((step, uri)) = obj.latest_checkpoint()
         && ctx.announced.checkpoint(&uid, &uri)
     {
         let note = format!("checkpoint at step {step} saved to {uri}");
-        event(ctx, obj, EventType::Normal, "CheckpointSaved", note).await;
+        event(ctx, obj, EventType::Normal, "CheckpointSaved", note);
     }
     if matches!(state, State::Succeeded | State::Failed) {
         ctx.announced.forget(&uid);

@@ -131,14 +131,18 @@ pub(super) async fn apply_plan(
     // RoleBinding after its Role: without `bind`, the API server checks a new binding
     // against the rules of the Role it names, and refuses it (NotFound) while that Role
     // does not exist yet; applied side by side, a fast refusal also cancelled the Role's
-    // request, so the race repeated on every retry.
+    // request, so the race repeated on every retry. The Job beside the RoleBinding: only
+    // the running trainer uses the binding, long after its pod is created (and a failed
+    // binding fails this reconcile, so the next one applies both again).
     futures::try_join!(
         apply::<ServiceAccount>(&ctx.client, ns, &service_account),
         apply::<Role>(&ctx.client, ns, &role),
         apply::<ConfigMap>(&ctx.client, ns, &config_map),
     )?;
-    apply::<RoleBinding>(&ctx.client, ns, &role_binding).await?;
-    let applied = apply::<Job>(&ctx.client, ns, &job).await?;
+    let (_, applied) = futures::try_join!(
+        apply::<RoleBinding>(&ctx.client, ns, &role_binding),
+        apply::<Job>(&ctx.client, ns, &job),
+    )?;
     ctx.applied.record(&applied, digest);
     Ok((applied, current.is_none()))
 }

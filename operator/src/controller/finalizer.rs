@@ -79,7 +79,7 @@ pub(super) async fn finalize<K: TaperKind>(ctx: &Ctx, obj: &K) -> Result<Action,
             .collect();
         set_finalizers(ctx, obj, rest).await?;
         if let Some(note) = note {
-            event(ctx, obj, EventType::Normal, "StorageDeleted", note).await;
+            event(ctx, obj, EventType::Normal, "StorageDeleted", note);
         }
         Ok::<_, Error>(Action::await_change())
     };
@@ -106,7 +106,7 @@ pub(super) async fn finalize<K: TaperKind>(ctx: &Ctx, obj: &K) -> Result<Action,
         )
         .await?;
         let note = format!("deleting the job's stored data with Job {name}");
-        event(ctx, obj, EventType::Normal, "DeletingStorage", note).await;
+        event(ctx, obj, EventType::Normal, "DeletingStorage", note);
         return Ok(Action::requeue(Duration::from_secs(5)));
     };
     let status = job.status.unwrap_or_default();
@@ -128,7 +128,7 @@ pub(super) async fn finalize<K: TaperKind>(ctx: &Ctx, obj: &K) -> Result<Action,
             "Job {name} could not delete the job's stored data (see its pod's log); \
              fix the cause and delete the Job to retry, or set reclaimPolicy: Retain"
         );
-        event(ctx, obj, EventType::Warning, "StorageDeletionFailed", note).await;
+        event(ctx, obj, EventType::Warning, "StorageDeletionFailed", note);
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     Ok(Action::requeue(Duration::from_secs(5)))

@@ -52,8 +52,10 @@ use finalizer::{finalize, sync_finalizer};
 /// referenced-object changes trigger reconciles through watches).
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Triggers for one resource within this time make one reconcile: a Job's creation and
-/// the status updates that follow at once (its pod created, started) come together.
-pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// the status updates that follow at once (its pod created) come together. Every new
+/// resource waits this long for its first reconcile, so it is short; the operator's own
+/// status applies no longer trigger at all (`run::trigger_hash`).
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How soon a resource waiting for an input is looked at again.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -320,8 +322,9 @@ fn merge(current: &[Condition], new: Vec<Condition>, generation: Option<i64>) ->
     out
 }
 
-/// Publish an Event on `obj` (failures to publish are logged, never fatal).
-async fn event<K: TaperKind>(ctx: &Ctx, obj: &K, type_: EventType, reason: &str, note: String) {
+/// Publish an Event on `obj` in the background: the reconcile (and its concurrency slot)
+/// does not wait for the request. Failures to publish are logged, never fatal.
+fn event<K: TaperKind>(ctx: &Ctx, obj: &K, type_: EventType, reason: &str, note: String) {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -329,9 +332,12 @@ async fn event<K: TaperKind>(ctx: &Ctx, obj: &K, type_: EventType, reason: &str,
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish an event");
-    }
+    let (recorder, reference) = (ctx.recorder.clone(), obj.object_ref(&()));
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "cannot publish an event");
+        }
+    });
 }
 
 /// The Event reason of a move from `from` to `to`.
@@ -420,7 +426,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
             };
             apply_status(ctx, obj, &status).await?;
             if phase != K::phase(State::Pending) || current.is_empty() {
-                event(ctx, obj, EventType::Normal, "Waiting", message).await;
+                event(ctx, obj, EventType::Normal, "Waiting", message);
             }
             return Ok(Action::requeue(WAIT));
         }
@@ -448,7 +454,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
             };
             apply_status(ctx, obj, &status).await?;
             if phase != K::phase(State::Failed) {
-                event(ctx, obj, EventType::Warning, "Failed", message).await;
+                event(ctx, obj, EventType::Warning, "Failed", message);
             }
             return Ok(Action::await_change());
         }
@@ -464,8 +470,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
             EventType::Normal,
             "Created",
             format!("created Job {}", owner.child_name(plan.command)),
-        )
-        .await;
+        );
     }
     let job_status = job.status.clone();
     let failed_job = job_status
@@ -518,7 +523,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
         } else {
             EventType::Normal
         };
-        event(ctx, obj, type_, reason, d.message.clone()).await;
+        event(ctx, obj, type_, reason, d.message.clone());
     }
     announce(ctx, obj, &phase, d.state, &pods).await;
     Ok(match d.state {

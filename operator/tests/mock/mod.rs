@@ -168,6 +168,17 @@ impl Mock {
         reconcile(Arc::new(obj), self.ctx.clone())
             .await
             .expect("reconcile");
+        // Events are published by tasks of their own: wait until no request has come for
+        // a while.
+        let mut count = self.seen.lock().expect("lock").len();
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let now = self.seen.lock().expect("lock").len();
+            if now == count {
+                break;
+            }
+            count = now;
+        }
         self.seen.lock().expect("lock").clone()
     }
 
