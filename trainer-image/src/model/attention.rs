@@ -114,7 +114,7 @@ unsafe fn probs<T: Real>(
     let t = d.t;
     let pm = Mat::new(p.as_mut_ptr().cast_const(), t, 1);
     // SAFETY: `p` is the caller's private buffer; q and k as it promises.
-    unsafe { matmul(false, r1 - r0, r1, d.hd(), pm, q.add(r0 * q.rs()), k.t()) };
+    unsafe { matmul(1, r1 - r0, r1, d.hd(), pm, q.add(r0 * q.rs()), k.t()) };
     for (i, row) in (r0..r1).zip(p.chunks_mut(t)) {
         causal_softmax_row(&mut row[..r1], i, scale);
     }
@@ -137,7 +137,7 @@ fn attention_fwd<T: Real>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
             unsafe {
                 probs(&mut p, q, q.add(c), d, r0, r1, scale);
                 let pm = Mat::new(p.as_ptr(), t, 1);
-                matmul(false, r1 - r0, hd, r1, y.add(r0 * c), pm, q.add(2 * c));
+                matmul(1, r1 - r0, hd, r1, y.add(r0 * c), pm, q.add(2 * c));
             }
         }
     });
@@ -168,9 +168,9 @@ fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
             unsafe {
                 probs(&mut p, q, k, d, r0, r1, scale);
                 let pm = Mat::new(p.as_ptr(), t, 1);
-                matmul_acc(false, true, r1, hd, rows, dv, pm.t(), g_blk);
+                matmul_acc(1, true, r1, hd, rows, dv, pm.t(), g_blk);
                 let dsm = Mat::new(ds.as_mut_ptr().cast_const(), t, 1);
-                matmul(false, rows, r1, hd, dsm, g_blk, v.t());
+                matmul(1, rows, r1, hd, dsm, g_blk, v.t());
             }
             for (i, (dr, pr)) in (r0..r1).zip(ds.chunks_mut(t).zip(p.chunks(t))) {
                 causal_softmax_row_bwd(&mut dr[..r1], pr, i, scale);
@@ -178,8 +178,8 @@ fn attention_bwd<T: Real>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
             let dsm = Mat::new(ds.as_ptr(), t, 1);
             // SAFETY: as above.
             unsafe {
-                matmul(false, rows, hd, r1, dq.add(r0 * 3 * c), dsm, k);
-                matmul_acc(false, true, r1, hd, rows, dk, dsm.t(), q_blk);
+                matmul(1, rows, hd, r1, dq.add(r0 * 3 * c), dsm, k);
+                matmul_acc(1, true, r1, hd, rows, dk, dsm.t(), q_blk);
             }
         }
     });

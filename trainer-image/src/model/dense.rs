@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
     cpu::{Real, by_dtype, for_overwrite, fusable, sum_tiles, unpack_grads},
-    gemm::{Mat, matmul_acc, matmul_on},
+    gemm::{Mat, matmul_acc},
 };
 
 /// Whether [`linear`] takes these operands: 2-D `x`, and everything a CPU tensor of one
@@ -59,7 +59,7 @@ fn dense_fwd<T: Real>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     // written by this call alone.
     unsafe {
         matmul_acc(
-            true,
+            rayon::current_num_threads(),
             true,
             n,
             out,
@@ -99,8 +99,8 @@ fn dense_bwd<T: Real>(x: &[T], w: &[T], g: &[T], out: usize) -> Vec<T> {
     // disjoint, each written by one product alone; the operands are live, contiguous and
     // only read.
     rayon::join(
-        || unsafe { matmul_on(a, false, n, k, out, dx, gm, wm.t()) },
-        || unsafe { matmul_on(b.max(1), false, k, out, n, dw, xm.t(), gm) },
+        || unsafe { matmul_acc(a, false, n, k, out, dx, gm, wm.t()) },
+        || unsafe { matmul_acc(b.max(1), false, k, out, n, dw, xm.t(), gm) },
     );
     packed[x.len() + w.len()..].copy_from_slice(&sum_tiles(g, out));
     packed

@@ -37,37 +37,13 @@ impl<T> Mat<T> {
 }
 
 /// `dst = lhs · rhs` (or `dst += lhs · rhs` with `accumulate`) for `[m, k] · [k, n]`,
-/// on the rayon pool when `parallel`, else on this thread.
+/// on `threads` threads of the rayon pool (1: on this thread alone).
 ///
 /// # Safety
 /// Every element the shapes and strides address lies in a live buffer, and `dst`'s
 /// elements are written by no one else meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_acc<T: Real>(
-    parallel: bool,
-    accumulate: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: Mat<T>,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) {
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    // SAFETY: as the caller promises.
-    unsafe { matmul_on(threads, accumulate, m, n, k, dst, lhs, rhs) }
-}
-
-/// [`matmul_acc`] on `threads` threads of the rayon pool (1: this thread alone).
-///
-/// # Safety
-/// As [`matmul_acc`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_on<T: Real>(
     threads: usize,
     accumulate: bool,
     m: usize,
@@ -114,7 +90,7 @@ pub(crate) unsafe fn matmul_on<T: Real>(
 /// # Safety
 /// As [`matmul_acc`].
 pub(crate) unsafe fn matmul<T: Real>(
-    parallel: bool,
+    threads: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -123,5 +99,5 @@ pub(crate) unsafe fn matmul<T: Real>(
     rhs: Mat<T>,
 ) {
     // SAFETY: as the caller promises.
-    unsafe { matmul_acc(parallel, false, m, n, k, dst, lhs, rhs) }
+    unsafe { matmul_acc(threads, false, m, n, k, dst, lhs, rhs) }
 }
