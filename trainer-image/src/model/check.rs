@@ -127,7 +127,8 @@ fn median_ms(
     Ok(times[times.len() / 2])
 }
 
-fn uniform(shape: &[usize], lo: f64, hi: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+/// f64 values uniform in `[lo, hi)` on the CPU.
+pub(crate) fn uniform(shape: &[usize], lo: f64, hi: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
     Tensor::from_vec(v, shape, &Device::Cpu)

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -117,6 +117,20 @@ pub(crate) unsafe fn for_overwrite<T: Real>(n: usize) -> Vec<T> {
     // promises to write each element before reading it.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `f` on the elements of the contiguous CPU tensor `t` (its storage's read lock held
+/// meanwhile).
+pub(crate) fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("{op}: {:?} is not on the CPU", t.device());
+    };
+    f(contiguous_slice(storage, layout, op)?)
 }
 
 /// `f` on the elements of the contiguous CPU tensor `t`, borrowed mutably through

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, DType, Storage, Tensor, Var, backprop::GradStore};
+use candle_core::{D, DType, Tensor, Var, backprop::GradStore};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model::cpu::{Real, contiguous_slice, fusable, with_slice_mut};
+use crate::model::cpu::{Real, fusable, with_slice, with_slice_mut};
 use crate::model::params::ParamStore;
 
 /// Optimizer hyper-parameters.
@@ -124,14 +124,12 @@ impl AdamW {
                 continue;
             };
             let g = g.to_dtype(slot.var.dtype())?;
-            let decay = slot.decay && self.cfg.weight_decay > 0.0;
+            // The decoupled weight decay's factor, for decayed tensors.
+            let decay = (slot.decay && self.cfg.weight_decay > 0.0)
+                .then_some(1.0 - lr * self.cfg.weight_decay);
             if self.fused && fused_applies(slot, &g) {
                 let k = Coef {
-                    decay: if decay {
-                        1.0 - lr * self.cfg.weight_decay
-                    } else {
-                        1.0
-                    },
+                    decay: decay.unwrap_or(1.0),
                     b1,
                     b2,
                     inv_sqrt_bc2: 1.0 / bc2.sqrt(),
@@ -145,8 +143,8 @@ impl AdamW {
                 continue;
             }
             let mut p = slot.var.as_tensor().detach();
-            if decay {
-                p = (p * (1.0 - lr * self.cfg.weight_decay))?;
+            if let Some(factor) = decay {
+                p = (p * factor)?;
             }
             slot.m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
             slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -223,35 +221,32 @@ fn fused_applies(slot: &Slot, g: &Tensor) -> bool {
 /// in place and in parallel, with the composed update's operations in its order (the same
 /// roundings: candle's `x * c` is `x · c + 0`, `x / c` is `x · (1/c) + 0`).
 fn fused_update<T: Real>(slot: &Slot, g: &Tensor, k: Coef) -> candle_core::Result<()> {
-    let (storage, layout) = g.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("adamw: the gradient is not on the CPU");
-    };
-    let g = contiguous_slice::<T>(storage, layout, "adamw")?;
     let c = |x: f64| T::from(x).unwrap_or_else(T::nan);
     let zero = T::zero();
     let (decay, b1, c1, b2, c2) = (c(k.decay), c(k.b1), c(1.0 - k.b1), c(k.b2), c(1.0 - k.b2));
     let (inv_sqrt_bc2, eps, step_size) = (c(k.inv_sqrt_bc2), c(k.eps), c(k.step_size));
-    with_slice_mut::<T, _>(slot.var.as_tensor(), |p| {
-        with_slice_mut::<T, _>(&slot.m, |m| {
-            with_slice_mut::<T, _>(&slot.v, |v| {
-                if p.len() != g.len() || m.len() != g.len() || v.len() != g.len() {
-                    candle_core::bail!("adamw: {} parameters, {} gradients", p.len(), g.len());
-                }
-                const CHUNK: usize = 1 << 14;
-                p.par_chunks_mut(CHUNK)
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .zip(v.par_chunks_mut(CHUNK))
-                    .zip(g.par_chunks(CHUNK))
-                    .for_each(|(((p, m), v), g)| {
-                        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                            *m = (*m * b1 + zero) + (g * c1 + zero);
-                            *v = (*v * b2 + zero) + ((g * g) * c2 + zero);
-                            let denom = (v.sqrt() * inv_sqrt_bc2 + zero) + eps;
-                            *p = (*p * decay + zero) - ((*m / denom) * step_size + zero);
-                        }
-                    });
-                Ok(())
+    with_slice::<T, _>(g, "adamw", |g| {
+        with_slice_mut::<T, _>(slot.var.as_tensor(), |p| {
+            with_slice_mut::<T, _>(&slot.m, |m| {
+                with_slice_mut::<T, _>(&slot.v, |v| {
+                    if p.len() != g.len() || m.len() != g.len() || v.len() != g.len() {
+                        candle_core::bail!("adamw: {} parameters, {} gradients", p.len(), g.len());
+                    }
+                    const CHUNK: usize = 1 << 14;
+                    p.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks_mut(CHUNK))
+                        .zip(v.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(((p, m), v), g)| {
+                            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                                *m = (*m * b1 + zero) + (g * c1 + zero);
+                                *v = (*v * b2 + zero) + ((g * g) * c2 + zero);
+                                let denom = (v.sqrt() * inv_sqrt_bc2 + zero) + eps;
+                                *p = (*p * decay + zero) - ((*m / denom) * step_size + zero);
+                            }
+                        });
+                    Ok(())
+                })
             })
         })
     })
@@ -260,27 +255,24 @@ fn fused_update<T: Real>(slot: &Slot, g: &Tensor, k: Coef) -> candle_core::Resul
 /// `Σ g²` in f64 over a contiguous CPU tensor: fixed chunks, each summed in eight lanes,
 /// then the chunks in order, so the result does not depend on the thread count.
 fn sum_squares<T: Real>(g: &Tensor) -> candle_core::Result<f64> {
-    let (storage, layout) = g.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("grad norm: the gradient is not on the CPU");
-    };
-    let v = contiguous_slice::<T>(storage, layout, "grad norm")?;
-    let partials: Vec<f64> = v
-        .par_chunks(1 << 14)
-        .map(|chunk| {
-            let mut lanes = [0.0f64; 8];
-            let mut eights = chunk.chunks_exact(8);
-            for e in &mut eights {
-                for (l, &x) in lanes.iter_mut().zip(e) {
-                    let x = x.to_f64();
-                    *l += x * x;
+    with_slice::<T, _>(g, "grad norm", |v| {
+        let partials: Vec<f64> = v
+            .par_chunks(1 << 14)
+            .map(|chunk| {
+                let mut lanes = [0.0f64; 8];
+                let mut eights = chunk.chunks_exact(8);
+                for e in &mut eights {
+                    for (l, &x) in lanes.iter_mut().zip(e) {
+                        let x = x.to_f64();
+                        *l += x * x;
+                    }
                 }
-            }
-            let rest: f64 = eights.remainder().iter().map(|&x| x.to_f64().powi(2)).sum();
-            lanes.iter().sum::<f64>() + rest
-        })
-        .collect();
-    Ok(partials.iter().sum())
+                let rest: f64 = eights.remainder().iter().map(|&x| x.to_f64().powi(2)).sum();
+                lanes.iter().sum::<f64>() + rest
+            })
+            .collect();
+        Ok(partials.iter().sum())
+    })
 }
 
 /// Gradients by parameter name, accumulated over micro-batches.
@@ -381,16 +373,17 @@ impl Grads {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+    use crate::model::check::uniform;
 
+    /// f32 values uniform in [-1, 1).
     fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+        uniform(shape, -1.0, 1.0, rng)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("tensor")
     }
 
     fn values(t: &Tensor) -> Vec<f32> {
