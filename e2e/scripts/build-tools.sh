@@ -17,21 +17,25 @@ export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 # 7 GB for Kubernetes, MinIO and helm, which a CI disk may not have to spare beside
 # cargo's target/. TAPER_KEEP_GO_CACHE=1 keeps them (faster rebuilds after a version bump).
 export GOCACHE=${TAPER_GOCACHE:-$here/.cache/go-build} GOMODCACHE=${TAPER_GOMODCACHE:-$here/.cache/gomod}
-built_any=0
+# The build functions run in subshells (see the loop at the end): a file, not a variable,
+# says that one of them used the Go caches.
+built_marker=$(mktemp)
+mark_built() { echo 1 >"$built_marker"; }
 drop_go_caches() {
-  if [ "$built_any" = 1 ] && [ "${TAPER_KEEP_GO_CACHE:-0}" != 1 ]; then
+  if [ -s "$built_marker" ] && [ "${TAPER_KEEP_GO_CACHE:-0}" != 1 ]; then
     echo "removing Go caches ($(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | awk '{print $1}' | paste -sd+)) (TAPER_KEEP_GO_CACHE=1 keeps them)"
     go clean -cache -modcache || true
   fi
+  : >"$built_marker"
 }
-trap drop_go_caches EXIT
+trap 'drop_go_caches; rm -f "$built_marker"' EXIT
 
 stamp_ok() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.$1.version" 2>/dev/null)" = "$2" ]; }
 stamp() { echo "$2" >"$bin/.$1.version"; }
 
 build_minio() {
   if stamp_ok minio "$MINIO_VERSION"; then echo "minio $MINIO_VERSION: cached"; return; fi
-  echo "minio $MINIO_VERSION: building (several minutes on 2 cores)"; built_any=1
+  echo "minio $MINIO_VERSION: building (several minutes on 2 cores)"; mark_built
   GOBIN="$bin" go install "github.com/minio/minio@$MINIO_VERSION"
   stamp minio "$MINIO_VERSION"
 }
@@ -42,7 +46,7 @@ build_etcd() {
     echo "e2e/tools/etcd/go.mod does not require etcd $ETCD_VERSION: run (cd e2e/tools/etcd && go get go.etcd.io/etcd/server/v3@$ETCD_VERSION && go mod tidy)" >&2
     return 1
   }
-  echo "etcd $ETCD_VERSION: building"; built_any=1
+  echo "etcd $ETCD_VERSION: building"; mark_built
   (cd "$here/tools/etcd" && go build -trimpath -o "$bin/etcd" .)
   stamp etcd "$ETCD_VERSION"
 }
@@ -50,7 +54,7 @@ build_etcd() {
 build_kube() {
   local v=$KUBE_VERSION staging=v0.${KUBE_VERSION#v1.}
   if stamp_ok kube-apiserver "$v" && stamp_ok kube-controller-manager "$v"; then echo "kubernetes $v: cached"; return; fi
-  echo "kubernetes $v: generating the wrapper module"; built_any=1
+  echo "kubernetes $v: generating the wrapper module"; mark_built
   local src=$bin/kube-src gomod
   mkdir -p "$src"
   gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json, sys; print(json.load(sys.stdin)["GoMod"])')
@@ -80,7 +84,7 @@ build_kube() {
 
 build_helm() {
   if stamp_ok helm "$HELM_VERSION"; then echo "helm $HELM_VERSION: cached"; return; fi
-  echo "helm $HELM_VERSION: building"; built_any=1
+  echo "helm $HELM_VERSION: building"; mark_built
   GOBIN="$bin" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   stamp helm "$HELM_VERSION"
@@ -112,7 +116,7 @@ build_monitoring_crds() {
   if [ "$(cat "$bin/.monitoring-crds.version" 2>/dev/null)" = "$PROMETHEUS_OPERATOR_VERSION" ] && [ -d "$dir" ]; then
     echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached"; return
   fi
-  echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: fetching its module"; built_any=1
+  echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: fetching its module"; mark_built
   local src
   src=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
@@ -125,14 +129,32 @@ build_monitoring_crds() {
 
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(minio etcd kube helm prometheus monitoring-crds)
+# Each tool is built even when an earlier one failed (a test needing only MinIO should not
+# fail because helm's build did), and a failed build is tried once more: the module proxy
+# and Debian's mirror both have transient failures. The disk's state goes into the log,
+# since a full disk is the usual cause on CI.
+failed=()
 for t in "${tools[@]}"; do
   case "$t" in
-    minio) build_minio ;;
-    etcd) build_etcd ;;
-    kube) build_kube ;;
-    helm) build_helm ;;
-    prometheus) build_prometheus ;;
-    monitoring-crds) build_monitoring_crds ;;
+    minio | etcd | kube | helm | prometheus | monitoring-crds) ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac
+  fn=build_${t//-/_}
+  # Not `if ! (...)`: errexit does not apply inside a condition, so a failed step would go
+  # on to stamp the tool as built.
+  set +e
+  (set -e; "$fn"); rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "$t: build failed; disk: $(df -h "$bin" | awk 'NR == 2 {print $4 " free of " $2}'); trying once more" >&2
+    (set -e; "$fn"); rc=$?
+    [ "$rc" = 0 ] || failed+=("$t")
+  fi
+  set -e
+  # Drop the Go caches after each tool that used them: the disk's peak is then one tool's
+  # caches, not all of them (Kubernetes' alone reach 3 GB).
+  drop_go_caches
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED to build: ${failed[*]} (see the messages above)" >&2
+  exit 1
+fi
