@@ -18,6 +18,10 @@ pub(crate) trait Real: WithDType + Float {
     fn gelu_grad(x: &[Self], g: &[Self], out: &mut [Self]);
     /// `row = softmax(scale · row)` in place (`scale > 0`).
     fn softmax(row: &mut [Self], scale: Self);
+    /// `ln Σ e^x` over `row`.
+    fn log_sum_exp(row: &[Self]) -> Self;
+    /// `out = scale · e^(x − shift)`.
+    fn exp_shifted(x: &[Self], shift: Self, scale: Self, out: &mut [Self]);
     /// The elements of a storage of this dtype, mutably.
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
 }
@@ -34,6 +38,14 @@ impl Real for f32 {
 
     fn softmax(row: &mut [Self], scale: Self) {
         super::fastmath::softmax(row, scale)
+    }
+
+    fn log_sum_exp(row: &[Self]) -> Self {
+        super::fastmath::log_sum_exp(row)
+    }
+
+    fn exp_shifted(x: &[Self], shift: Self, scale: Self, out: &mut [Self]) {
+        super::fastmath::exp_shifted(x, shift, scale, out)
     }
 
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
@@ -71,6 +83,17 @@ impl Real for f64 {
             z += *v;
         }
         row.iter_mut().for_each(|v| *v /= z);
+    }
+
+    fn log_sum_exp(row: &[Self]) -> Self {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+        m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
+    }
+
+    fn exp_shifted(x: &[Self], shift: Self, scale: Self, out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scale * (v - shift).exp();
+        }
     }
 
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {

@@ -85,17 +85,7 @@ fn gelu_grad_generic(x: &[f32], g: &[f32], out: &mut [f32]) {
 /// that they vectorise (a fixed order all the same).
 #[inline(always)]
 fn softmax_generic(row: &mut [f32], scale: f32) {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (m, &v) in m.iter_mut().zip(c) {
-            *m = m.max(v);
-        }
-    }
-    let m = chunks.remainder().iter().fold(
-        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-        |a, &b| a.max(b),
-    ) * scale;
+    let m = max8(row) * scale;
     for v in row.iter_mut() {
         *v = exp(*v * scale - m);
     }
@@ -111,13 +101,53 @@ fn softmax_generic(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v *= r);
 }
 
+/// The largest element of `row` (-inf if empty), in eight lanes so that it vectorises.
+#[inline(always)]
+fn max8(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    chunks.remainder().iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    )
+}
+
+/// `ln Σ e^x` over the row, as `m + ln Σ e^(x − m)` with `m` its maximum; the sum in
+/// eight lanes, in a fixed order.
+#[inline(always)]
+fn log_sum_exp_generic(row: &[f32]) -> f32 {
+    let m = max8(row);
+    let mut z = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (z, &v) in z.iter_mut().zip(c) {
+            *z += exp(v - m);
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|&v| exp(v - m)).sum();
+    m + (z.iter().sum::<f32>() + rest).ln()
+}
+
+/// `out = scale · e^(x − shift)`.
+#[inline(always)]
+fn exp_shifted_generic(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = scale * exp(v - shift);
+    }
+}
+
 /// `$name` built for one instruction set: the portable body, compiled with its features
 /// so that the compiler vectorises it to that width.
 macro_rules! built_for {
-    ($features:literal, $name:ident, $generic:ident, ($($arg:ident: $ty:ty),+)) => {
+    ($features:literal, $name:ident, $generic:ident, ($($arg:ident: $ty:ty),+) $(-> $ret:ty)?) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        fn $name($($arg: $ty),+) {
+        fn $name($($arg: $ty),+) $(-> $ret)? {
             $generic($($arg),+)
         }
     };
@@ -129,6 +159,10 @@ built_for!("avx2,fma", softmax_avx2, softmax_generic, (row: &mut [f32], scale: f
 built_for!("avx512f,avx512dq,avx512vl,avx2,fma", gelu_avx512, gelu_generic, (x: &[f32], out: &mut [f32]));
 built_for!("avx512f,avx512dq,avx512vl,avx2,fma", gelu_grad_avx512, gelu_grad_generic, (x: &[f32], g: &[f32], out: &mut [f32]));
 built_for!("avx512f,avx512dq,avx512vl,avx2,fma", softmax_avx512, softmax_generic, (row: &mut [f32], scale: f32));
+built_for!("avx2,fma", log_sum_exp_avx2, log_sum_exp_generic, (row: &[f32]) -> f32);
+built_for!("avx512f,avx512dq,avx512vl,avx2,fma", log_sum_exp_avx512, log_sum_exp_generic, (row: &[f32]) -> f32);
+built_for!("avx2,fma", exp_shifted_avx2, exp_shifted_generic, (x: &[f32], shift: f32, scale: f32, out: &mut [f32]));
+built_for!("avx512f,avx512dq,avx512vl,avx2,fma", exp_shifted_avx512, exp_shifted_generic, (x: &[f32], shift: f32, scale: f32, out: &mut [f32]));
 
 /// The widest instruction set of this CPU that the functions here are built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -202,6 +236,28 @@ pub(crate) fn softmax(row: &mut [f32], scale: f32) {
         softmax_avx2,
         softmax_avx512,
         (row, scale)
+    )
+}
+
+/// `ln Σ e^x` over `row` (the log-sum-exp of a row of logits).
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
+    dispatch!(
+        isa(),
+        log_sum_exp_generic,
+        log_sum_exp_avx2,
+        log_sum_exp_avx512,
+        (row)
+    )
+}
+
+/// `out = scale · e^(x − shift)` (with `shift` a row's log-sum-exp: its probabilities).
+pub(crate) fn exp_shifted(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    dispatch!(
+        isa(),
+        exp_shifted_generic,
+        exp_shifted_avx2,
+        exp_shifted_avx512,
+        (x, shift, scale, out)
     )
 }
 
@@ -322,5 +378,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn log_sum_exp_and_shifted_exp_match_f64_on_rows_of_every_remainder() {
+        for n in [1, 7, 8, 9, 31, 1024, 50_304] {
+            // Logits spread over [-30, 30]: the sum is dominated by a few terms.
+            let row: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 601) as f32 - 300.0) * 0.1)
+                .collect();
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            for level in levels() {
+                let got = dispatch!(
+                    level,
+                    log_sum_exp_generic,
+                    log_sum_exp_avx2,
+                    log_sum_exp_avx512,
+                    (&row)
+                );
+                // Absolute: an error in ln Σ is a relative error of the probabilities.
+                let e = (got as f64 - lse).abs();
+                assert!(e < 2e-6, "{level:?}, {n} wide: {got} against {lse} ({e:e})");
+                let mut out = vec![0f32; n];
+                dispatch!(
+                    level,
+                    exp_shifted_generic,
+                    exp_shifted_avx2,
+                    exp_shifted_avx512,
+                    (&row, got, 0.5, &mut out)
+                );
+                for (&o, &v) in out.iter().zip(&row) {
+                    let arg = v as f64 - got as f64;
+                    let want = 0.5 * arg.exp();
+                    // exp's own error, and that of rounding `x − shift` to f32.
+                    let bound = 2.5e-7 + arg.abs() * f64::from(f32::EPSILON);
+                    let e = rel(o, want);
+                    assert!(e < bound, "{level:?}: {o} against {want} ({e:e})");
+                }
+            }
+        }
+        assert_eq!(log_sum_exp(&[0.0]), 0.0);
+        assert!((log_sum_exp(&[0.0, 0.0]) - std::f32::consts::LN_2).abs() < 1e-7);
     }
 }

@@ -16,6 +16,7 @@ pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod params;
+pub(crate) mod xent;
 
 /// Why a model could not be built, loaded or run.
 #[derive(Debug, thiserror::Error)]

@@ -147,7 +147,8 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The loss is `Σᵢ wᵢ (lseᵢ − xᵢ,ₜᵢ)` with `wᵢ = maskᵢ / Σ mask` (or `1/N`), computed
 /// without a graph; the backward is `wᵢ (softmax(xᵢ) − onehot(tᵢ))`, from candle's fused
 /// softmax. Nothing of size `N × V` is kept between forward and backward but the logits.
-/// On a GPU, the same in two kernels of our own (`cross_entropy_cuda`).
+/// On the CPU in f32/f64, one fused pass each way (`model::xent`); on a GPU, the same in
+/// two kernels of our own (`cross_entropy_cuda`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
@@ -158,6 +159,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -
         DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
         _ => logits.clone(),
     };
+    if super::xent::takes(&logits) {
+        return super::xent::cross_entropy(&logits, targets, mask);
+    }
     let (n, _) = logits.dims2()?;
     let x = logits.detach();
     let targets = targets.unsqueeze(1)?.contiguous()?;
