@@ -6,11 +6,14 @@ Runs `cargo bench -p taper-trainer --bench gpt_step` (release) and
 table of median ms/step, tokens/s, peak resident memory and the ratio. Only ratios from
 one run count: these machines are shared and noisy.
 
-    python3 scripts/bench/pretrain_bench.py [--rounds 2] [--threads 2] [--python .venv/bin/python]
+    python3 scripts/bench/pretrain_bench.py [--model baby|quickstart] [--rounds 2] [--threads 2]
+        [--python .venv/bin/python]
 
-Default shape: the baby config (6 layers, 6 heads, 384 wide, block 256, vocab 65,
-batch 12, f32). PyTorch comes from the virtual environment in .venv (see
-scripts/reference/README.md).
+Shapes (f32): `baby`, the default, nanoGPT's baby config (6 layers, 6 heads, 384 wide,
+block 256, vocab 65, batch 12); `quickstart`, the quickstart's PretrainJob (2 layers,
+4 heads, 128 wide, block 64, vocab 1,024, batch 32). PyTorch comes from the virtual
+environment in .venv (see scripts/reference/README.md). The table's title names the CPU:
+the ratio depends on it (MKL, PyTorch's BLAS, is tuned for Intel's cores).
 """
 import argparse
 import os
@@ -21,6 +24,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+SHAPES = {
+    "baby": dict(layers=6, heads=6, embd=384, block=256, vocab=65, batch=12),
+    "quickstart": dict(layers=2, heads=4, embd=128, block=64, vocab=1024, batch=32),
+}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 # Runs the reference script in-process and reports its own peak resident memory.
@@ -44,13 +63,14 @@ def run(cmd, env):
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=sorted(SHAPES), default="baby")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--python", default=str(ROOT / ".venv/bin/python"))
     p.add_argument("--reference", default=str(ROOT.parent / "shared/bench/torch_gpt_ref.py"))
     a = p.parse_args()
-    shape = dict(layers=6, heads=6, embd=384, block=256, vocab=65, batch=12)
+    shape = SHAPES[a.model]
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                TAPER_BENCH=",".join(str(v) for v in [*shape.values(), a.steps]))
     subprocess.run(["cargo", "build", "--release", "-p", "taper-trainer", "--bench", "gpt_step"],
@@ -70,7 +90,8 @@ def main():
         peak = max(float(r["peak_rss_mib"]) for r in rs)
         rows.append((name, ms, tok, peak))
     base = rows[0][2]
-    print(f"baby GPT, f32, {a.threads} threads, median of {a.rounds} runs x {a.steps} steps")
+    print(f"{a.model} GPT ({', '.join(f'{k} {v}' for k, v in shape.items())}), f32, {a.threads} threads, "
+          f"median of {a.rounds} runs x {a.steps} steps, {cpu_name()} ({os.cpu_count()} CPUs)")
     print(f"{'impl':<8}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}{'vs torch':>10}")
     for name, ms, tok, peak in rows:
         print(f"{name:<8}{ms:>10.1f}{tok:>11.0f}{peak:>10.0f}{tok / base:>9.2f}x")
