@@ -6,7 +6,7 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: &[&str] = &["causal_softmax", "cross_entropy"];
+const KERNELS: &[&str] = &["causal_softmax", "cross_entropy", "layer_norm"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -12,7 +12,7 @@
 #     batch BATCH (default 8), in bf16 mixed precision and in f32; tokens/s and MFU (median
 #     of the steps after the first 5, against the GPU's bf16 dense peak: PEAK_TFLOPS,
 #     989 for an H100 or H200 by default) and the peak GPU memory seen by nvidia-smi.
-# (k) `taper check-kernels`: the fused softmax and cross-entropy against their composed
+# (k) `taper check-kernels`: the fused softmax, cross-entropy and LayerNorm against their composed
 #     references, values and gradients, and their times.
 # (c) ../shared/bench/torch_gpt_ref.py, same shape, same tokens, on the same GPU:
 #     --dtype bf16 --sdpa (the yardstick) and --dtype f32 --sdpa (like for like).

@@ -16,8 +16,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::causal::{causal_mask, causal_softmax, causal_softmax_composed};
+use super::fused::layer_norm;
 use super::ops::{
-    cross_entropy, cross_entropy_composed, softmax_last_dim, softmax_last_dim_composed,
+    cross_entropy, cross_entropy_composed, layer_norm_composed, softmax_last_dim,
+    softmax_last_dim_composed,
 };
 
 /// One op's comparison.
@@ -176,8 +178,9 @@ fn compare_in(
     })
 }
 
-/// Check the fused softmax (on masked attention scores `[batch, heads, t, t]`) and the
-/// fused cross-entropy (on logits `[rows, vocab]`, with and without a loss mask).
+/// Check the fused softmax (on masked attention scores `[batch, heads, t, t]`), the fused
+/// cross-entropy (on logits `[rows, vocab]`, with and without a loss mask) and LayerNorm
+/// (on `[rows, heads · 64]`, the gradient of its input, weight and bias).
 pub fn check_fused_ops(
     device: &Device,
     (batch, heads, t): (usize, usize, usize),
@@ -269,6 +272,50 @@ pub fn check_fused_ops(
             tolerance,
         )?);
     }
+
+    // LayerNorm on `[rows, heads · 64]` (768 wide for GPT-2 small), the gradient of each
+    // of its three inputs in turn (the others held as constants).
+    let width = heads * 64;
+    let reference = [
+        uniform(&[rows, width], -3.0, 3.0, &mut rng)?,
+        uniform(&[width], 0.5, 1.5, &mut rng)?,
+        uniform(&[width], -0.5, 0.5, &mut rng)?,
+    ];
+    let on_device = reference
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.to_device(device))
+        .collect::<Result<Vec<_>>>()?;
+    let up = uniform(&[rows, width], -1.0, 1.0, &mut rng)?;
+    type LayerNormFn = fn(&Tensor, &Tensor, Option<&Tensor>, f64) -> Result<Tensor>;
+    for (slot, name) in [
+        (0, "layer norm (input)"),
+        (1, "layer norm (weight)"),
+        (2, "layer norm (bias)"),
+    ] {
+        // The reference runs in f64 on the CPU, the op under test in f32 on the device.
+        let with = |f: LayerNormFn| {
+            let (reference, on_device) = (&reference, &on_device);
+            move |v: &Tensor| -> Result<Tensor> {
+                let consts = if v.dtype() == DType::F64 {
+                    &reference[..]
+                } else {
+                    &on_device[..]
+                };
+                let mut args = consts.to_vec();
+                args[slot] = v.clone();
+                f(&args[0], &args[1], Some(&args[2]), 1e-5)
+            }
+        };
+        out.push(compare(
+            name,
+            device,
+            &with(layer_norm),
+            &with(layer_norm_composed),
+            &reference[slot],
+            &up,
+            tolerance,
+        )?);
+    }
     Ok(out)
 }
 
@@ -302,7 +349,7 @@ mod tests {
     fn fused_ops_pass_their_check_on_the_cpu() -> Result<()> {
         let checks = check_fused_ops(&Device::Cpu, (2, 2, 32), (64, 500))?;
         eprintln!("{}", table(&Device::Cpu, &checks));
-        assert_eq!(checks.len(), 5);
+        assert_eq!(checks.len(), 8);
         for c in &checks {
             assert!(c.passed(), "{c:?}");
             assert!(

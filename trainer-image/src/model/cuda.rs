@@ -216,3 +216,168 @@ pub(super) fn cross_entropy_bwd(
         _ => go::<half::bf16>(sfx, &dev, x, (&lse, &tv, &coef), cfg, n, vi),
     }
 }
+
+const LAYER_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/layer_norm.ptx"));
+
+/// Rows summed by one block of `layer_norm_bwd_partial` (`LN_CHUNK` in the kernel).
+const LN_CHUNK: usize = 256;
+
+/// The operands of a LayerNorm kernel: `x` `[rows, c]`, the weight `[c]` and a third
+/// (the bias `[c]`, or the gradient `[rows, c]`), all f32 and contiguous.
+struct LayerNormArgs<'a> {
+    x: CudaView<'a, f32>,
+    w: CudaView<'a, f32>,
+    third: CudaView<'a, f32>,
+    rows: usize,
+    c: i32,
+}
+
+fn layer_norm_args<'a>(
+    k: &str,
+    x: (&'a CudaStorage, &Layout),
+    w: (&'a CudaStorage, &Layout),
+    third: (&'a CudaStorage, &Layout),
+) -> Result<LayerNormArgs<'a>> {
+    if [x.0, w.0, third.0].iter().any(|s| s.dtype() != DType::F32) {
+        candle_core::bail!("{k}: f32 operands on a GPU");
+    }
+    let c = w.1.shape().elem_count();
+    let n = x.1.shape().elem_count();
+    if c == 0 || !n.is_multiple_of(c) {
+        candle_core::bail!("{k}: input {:?} with {c} columns", x.1.dims());
+    }
+    Ok(LayerNormArgs {
+        x: view(k, x.0, x.1)?,
+        w: view(k, w.0, w.1)?,
+        third: view(k, third.0, third.1)?,
+        rows: n / c,
+        c: i32::try_from(c).map_err(|_| err(format!("{k}: width {c}")))?,
+    })
+}
+
+/// `layer_norm_fwd`: `x` `[rows, c]`, weight and bias `[c]` → `y` `[rows, c]`, f32.
+pub(super) fn layer_norm_fwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<CudaStorage> {
+    const K: &str = "layer_norm_fwd";
+    let dev: CudaDevice = x.0.device().clone();
+    let LayerNormArgs {
+        x: xv,
+        w: wv,
+        third: bv,
+        rows,
+        c,
+    } = layer_norm_args(K, x, w, b)?;
+    if bv.len() != wv.len() {
+        candle_core::bail!("{K}: weight of {}, bias of {}", wv.len(), bv.len());
+    }
+    let func = dev.get_or_load_custom_func(&format!("{K}_f32"), "taper_layer_norm", LAYER_NORM)?;
+    let (cfg, c) = config(K, rows, c as usize)?;
+    // SAFETY: the kernel writes every element of `y`.
+    let y = unsafe { dev.alloc::<f32>(xv.len())? };
+    let mut builder = func.builder();
+    builder.arg(&xv);
+    builder.arg(&wv);
+    builder.arg(&bv);
+    builder.arg(&y);
+    builder.arg(&c);
+    builder.arg(&eps);
+    // SAFETY: the arguments match the kernel's signature (x, w, b, y pointers, int c, float
+    // eps); x and y cover rows × c elements, w and b c.
+    unsafe { builder.launch(cfg) }.w()?;
+    drop(builder);
+    Ok(CudaStorage::wrap_cuda_slice(y, dev))
+}
+
+/// `layer_norm_bwd`: `x` `[rows, c]`, weight `[c]`, gradient `g` `[rows, c]` → `[dx, dw,
+/// db]` packed in one f32 buffer of `rows·c + 2c`, as the CPU op packs them. Three
+/// kernels: `dx` (one block per row, which also keeps each row's mean and rstd), partial
+/// sums of `dw` and `db` over chunks of rows, and their sum in chunk order.
+pub(super) fn layer_norm_bwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<CudaStorage> {
+    const K: &str = "layer_norm_bwd";
+    let dev: CudaDevice = x.0.device().clone();
+    let LayerNormArgs {
+        x: xv,
+        w: wv,
+        third: gv,
+        rows,
+        c: ci,
+    } = layer_norm_args(K, x, w, g)?;
+    if gv.len() != xv.len() {
+        candle_core::bail!("{K}: input of {}, gradient of {}", xv.len(), gv.len());
+    }
+    let (n, c) = (xv.len(), wv.len());
+    let rows_i = i32::try_from(rows).map_err(|_| err(format!("{K}: {rows} rows")))?;
+    let chunks = rows.div_ceil(LN_CHUNK);
+    let load = |name: &str| {
+        dev.get_or_load_custom_func(&format!("{name}_f32"), "taper_layer_norm", LAYER_NORM)
+    };
+    // SAFETY: dx (out[..n]) is written by the first kernel, dw and db (out[n..]) by the
+    // last; stats and partial in full by the kernels before their readers.
+    let out = unsafe { dev.alloc::<f32>(n + 2 * c)? };
+    let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
+    let partial = unsafe { dev.alloc::<f32>(chunks * 2 * c)? };
+    let (dx, dwdb) = (out.slice(..n), out.slice(n..));
+
+    let (cfg, _) = config(K, rows, c)?;
+    let func = load("layer_norm_bwd_dx")?;
+    let mut builder = func.builder();
+    builder.arg(&xv);
+    builder.arg(&wv);
+    builder.arg(&gv);
+    builder.arg(&dx);
+    builder.arg(&stats);
+    builder.arg(&rows_i);
+    builder.arg(&ci);
+    builder.arg(&eps);
+    // SAFETY: (x, w, g, dx, stats pointers, int rows, int c, float eps) as the kernel
+    // takes them; x, g and dx cover rows × c, w c, stats 2 × rows.
+    unsafe { builder.launch(cfg) }.w()?;
+    drop(builder);
+
+    let grid_x = u32::try_from(c.div_ceil(32)).map_err(|_| err(format!("{K}: width {c}")))?;
+    let grid_y = u32::try_from(chunks).map_err(|_| err(format!("{K}: {rows} rows")))?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x, grid_y, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = load("layer_norm_bwd_partial")?;
+    let mut builder = func.builder();
+    builder.arg(&xv);
+    builder.arg(&gv);
+    builder.arg(&stats);
+    builder.arg(&partial);
+    builder.arg(&rows_i);
+    builder.arg(&ci);
+    // SAFETY: (x, g, stats, partial pointers, int rows, int c); partial covers chunks ×
+    // 2c, one chunk per blockIdx.y.
+    unsafe { builder.launch(cfg) }.w()?;
+    drop(builder);
+
+    let c2 = i32::try_from(2 * c).map_err(|_| err(format!("{K}: width {c}")))?;
+    let chunks_i = i32::try_from(chunks).map_err(|_| err(format!("{K}: {rows} rows")))?;
+    let cfg = LaunchConfig {
+        grid_dim: ((2 * c).div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = load("layer_norm_bwd_sum")?;
+    let mut builder = func.builder();
+    builder.arg(&partial);
+    builder.arg(&dwdb);
+    builder.arg(&chunks_i);
+    builder.arg(&c2);
+    // SAFETY: (partial, out pointers, int chunks, int 2c); dwdb holds 2c elements.
+    unsafe { builder.launch(cfg) }.w()?;
+    drop(builder);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

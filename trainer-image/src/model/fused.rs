@@ -14,7 +14,9 @@
 //! The dispatching functions ([`layer_norm`], [`gelu`], [`add_tiled`]) take this path for
 //! CPU tensors of f32 or f64 and fall back to candle's ops elsewhere (a GPU, bf16).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::cpu::{
@@ -25,10 +27,13 @@ use super::cpu::{
 // LayerNorm
 
 /// LayerNorm over the last dimension, `(x - mean) / sqrt(var + eps) · weight + bias` with
-/// the biased variance (PyTorch's): fused on the CPU in f32/f64, composed elsewhere.
+/// the biased variance (PyTorch's): fused on the CPU in f32/f64 and on a GPU in f32
+/// (`kernels/layer_norm.cu`; mixed precision keeps LayerNorm in f32), composed elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let same = |t: &Tensor| fusable(t) && t.dtype() == x.dtype();
-    if !(fusable(x) && same(weight) && bias.is_none_or(same)) {
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+    let on_cpu = fusable(x);
+    let on_gpu = cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32;
+    if !((on_cpu || on_gpu) && same(weight) && bias.is_none_or(same)) {
         return super::ops::layer_norm_composed(x, weight, bias, eps);
     }
     let c = weight.elem_count();
@@ -147,6 +152,20 @@ impl CustomOp3 for LayerNorm {
         Ok((y, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = super::cuda::layer_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.eps as f32)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -178,6 +197,21 @@ impl CustomOp3 for LayerNormBwd {
         let out = by_dtype!(self.name(), [(s1, l1), (s2, l2), (s3, l3)], |x, w, g| {
             ln_bwd(x, w, g, self.eps)
         });
+        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = super::cuda::layer_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps as f32)?;
         let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }
