@@ -13,7 +13,8 @@ Shapes (f32): `baby`, the default, nanoGPT's baby config (6 layers, 6 heads, 384
 block 256, vocab 65, batch 12); `quickstart`, the quickstart's PretrainJob (2 layers,
 4 heads, 128 wide, block 64, vocab 1,024, batch 32). PyTorch comes from the virtual
 environment in .venv (see scripts/reference/README.md). The table's title names the CPU:
-the ratio depends on it (MKL, PyTorch's BLAS, is tuned for Intel's cores).
+the ratio depends on it (gemm's kernels beat MKL's, PyTorch's, on an AMD EPYC; MKL's won
+on the CPU of earlier runs).
 """
 import argparse
 import os
