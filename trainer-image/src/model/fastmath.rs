@@ -1,4 +1,4 @@
-//! Vectorisable f32 `exp`, GELU and softmax for the CPU ops.
+//! Vectorisable f32 `exp`, GELU, softmax and log-sum-exp for the CPU ops.
 //!
 //! libm's `erff` and `expf` are scalar calls with branches; over the MLP's widest
 //! activation (`[batch·t, 4·c]`, every layer, forward and backward) and the attention
