@@ -62,6 +62,12 @@ struct LayerNormBwd {
     eps: f64,
 }
 
+/// The shape of [`LayerNormBwd`]'s packed output for `x` (`l1`) and the weight (`l2`):
+/// `dx`, then `dweight` and `dbias` of the weight's size.
+fn packed_shape(l1: &Layout, l2: &Layout) -> Shape {
+    Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count())
+}
+
 /// Mean and `1 / sqrt(var + eps)` of a row.
 fn moments<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
@@ -197,8 +203,7 @@ impl CustomOp3 for LayerNormBwd {
         let out = by_dtype!(self.name(), [(s1, l1), (s2, l2), (s3, l3)], |x, w, g| {
             ln_bwd(x, w, g, self.eps)
         });
-        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        Ok((out, packed_shape(l1, l2)))
     }
 
     #[cfg(feature = "cuda")]
@@ -212,8 +217,7 @@ impl CustomOp3 for LayerNormBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = super::cuda::layer_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps as f32)?;
-        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        Ok((out, packed_shape(l1, l2)))
     }
 }
 

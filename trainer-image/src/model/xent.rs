@@ -72,10 +72,12 @@ pub(crate) fn cross_entropy(
 
 fn fused<T: Real>(x: &Tensor, targets: Vec<u32>, weights: &[f64]) -> Result<Tensor> {
     let vocab = x.dim(D::Minus1)?;
+    // Rows of the logits as chunks (of at least 1: `chunks(0)` panics).
+    let width = vocab.max(1);
     let weights: Vec<T> = weights.iter().map(|&w| T::from_f64(w)).collect();
     let (lse, loss) = with_slice::<T, _>(x, "cross-entropy", |x| {
         let lse: Vec<T> = x
-            .par_chunks(vocab.max(1))
+            .par_chunks(width)
             .with_min_len(ROWS_PER_TASK)
             .map(T::log_sum_exp)
             .collect();
@@ -98,8 +100,8 @@ fn fused<T: Real>(x: &Tensor, targets: Vec<u32>, weights: &[f64]) -> Result<Tens
             // SAFETY: every row of d is written in full by `exp_shifted` below.
             #[allow(unsafe_code)]
             let mut d: Vec<T> = unsafe { for_overwrite(x.len()) };
-            d.par_chunks_mut(vocab.max(1))
-                .zip(x.par_chunks(vocab.max(1)))
+            d.par_chunks_mut(width)
+                .zip(x.par_chunks(width))
                 .with_min_len(ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(i, (dr, xr))| {
