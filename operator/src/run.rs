@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use futures::{FutureExt, StreamExt, future::join_all};
 use k8s_openapi::api::batch::v1::Job;
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     runtime::{
         Controller, PredicateConfig, WatchStreamExt,
         controller::Config as ControllerConfig,
@@ -27,7 +27,7 @@ use crate::{
 
 fn apis<K>(client: &Client, namespaces: &Option<Vec<String>>) -> Vec<Api<K>>
 where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {
     match namespaces {
         None => vec![Api::all(client.clone())],
@@ -81,8 +81,76 @@ fn controller<K: TaperKind>(api: Api<K>) -> Controller<K> {
     Controller::for_stream(trigger, reader)
 }
 
-fn owned_jobs() -> watcher::Config {
-    watcher::Config::default().labels("app.kubernetes.io/managed-by=taper-operator")
+/// One watch of the operator's Jobs, shared by the three controllers (where `owns` would
+/// open one each): it fills the cache the reconciles read ([`Ctx::cached_job`]) and wakes
+/// each Job's owner through its kind's controller.
+struct JobFeed {
+    store: Store<Job>,
+    dataset: Wakes,
+    pretrain: Wakes,
+    finetune: Wakes,
+    /// Drives the watch; it runs until aborted.
+    run: futures::future::BoxFuture<'static, ()>,
+}
+
+type Wakes = futures::channel::mpsc::UnboundedReceiver<Result<Job, watcher::Error>>;
+
+fn job_feed(api: Api<Job>) -> JobFeed {
+    use futures::channel::mpsc::unbounded;
+    let (store, writer) = reflector::store();
+    let (dataset_tx, dataset) = unbounded();
+    let (pretrain_tx, pretrain) = unbounded();
+    let (finetune_tx, finetune) = unbounded();
+    let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=taper-operator");
+    let run = watcher(api, config)
+        // Kept: the metadata, `spec.suspend` and the status, all a reconcile reads of a
+        // cached Job. Without the managed fields and the pod template, a cached Job is a
+        // small fraction of its size (1,000 whole Jobs took 33 MiB).
+        .modify(|job| {
+            job.managed_fields_mut().clear();
+            if let Some(spec) = job.spec.as_mut() {
+                spec.template = Default::default();
+                spec.pod_failure_policy = None;
+            }
+        })
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .for_each(move |job| {
+            match job {
+                Ok(job) => {
+                    let owner = job
+                        .owner_references()
+                        .iter()
+                        .find(|o| o.controller == Some(true))
+                        .map(|o| o.kind.clone())
+                        .unwrap_or_default();
+                    let tx = if owner == Dataset::kind(&()) {
+                        Some(&dataset_tx)
+                    } else if owner == PretrainJob::kind(&()) {
+                        Some(&pretrain_tx)
+                    } else if owner == FinetuneJob::kind(&()) {
+                        Some(&finetune_tx)
+                    } else {
+                        None
+                    };
+                    // A closed channel: that controller has shut down.
+                    if let Some(tx) = tx {
+                        let _ = tx.unbounded_send(Ok(job));
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "the Job watch failed; retrying"),
+            }
+            futures::future::ready(())
+        })
+        .boxed();
+    JobFeed {
+        store,
+        dataset,
+        pretrain,
+        finetune,
+        run,
+    }
 }
 
 /// Count the resources of `store` per phase into the `taper_jobs` gauge.
@@ -131,6 +199,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         announced: Default::default(),
         applied: Default::default(),
         datasets: Default::default(),
+        jobs: Default::default(),
     });
     let namespaces = cfg.namespaces();
     let controller_config = ControllerConfig::default()
@@ -140,6 +209,8 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
     let mut dataset_stores = Vec::new();
     let mut pretrain_stores = Vec::new();
     let mut finetune_stores = Vec::new();
+    let mut job_stores = Vec::new();
+    let mut feeds = Vec::new();
 
     for (api, jobs, datasets, pretrains) in apis::<Dataset>(&client, &namespaces)
         .into_iter()
@@ -148,8 +219,11 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         .zip(apis::<PretrainJob>(&client, &namespaces))
         .map(|(((a, j), d), p)| (a, j, d, p))
     {
+        let feed = job_feed(jobs);
+        job_stores.push(feed.store);
+        feeds.push(tokio::spawn(feed.run));
         let c = controller(api)
-            .owns(jobs.clone(), owned_jobs())
+            .owns_stream(feed.dataset)
             .with_config(controller_config.clone());
         dataset_stores.push(c.store());
         tasks.push(
@@ -161,7 +235,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
 
         // PretrainJobs: also woken when their Dataset changes.
         let c = controller(pretrains.clone())
-            .owns(jobs.clone(), owned_jobs())
+            .owns_stream(feed.pretrain)
             .with_config(controller_config.clone());
         let store = c.store();
         pretrain_stores.push(store.clone());
@@ -191,7 +265,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
             Some(_) => Api::namespaced(client.clone(), &datasets_namespace(&datasets)),
         };
         let c = controller(ns_api)
-            .owns(jobs, owned_jobs())
+            .owns_stream(feed.finetune)
             .with_config(controller_config.clone());
         let store = c.store();
         finetune_stores.push(store.clone());
@@ -229,6 +303,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
 
     // Before any reconcile runs (they start with `join_all` below).
     let _ = ctx.datasets.set(dataset_stores.clone());
+    let _ = ctx.jobs.set(job_stores);
     let gauge = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(15)).await;
@@ -239,6 +314,9 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
     });
     join_all(tasks).await;
     gauge.abort();
+    for feed in feeds {
+        feed.abort();
+    }
 }
 
 /// The namespace a namespaced Api was made for (all controllers of one loop share it).
@@ -255,7 +333,7 @@ fn datasets_namespace(api: &Api<Dataset>) -> String {
 fn refs<K, O>(store: &Store<K>, changed: &O, refers: impl Fn(&K) -> bool) -> Vec<ObjectRef<K>>
 where
     K: TaperKind,
-    O: kube::Resource,
+    O: Resource,
 {
     let ns = changed.meta().namespace.clone();
     store

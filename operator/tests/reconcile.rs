@@ -17,31 +17,7 @@ use taper_crds::{
 };
 mod mock;
 
-use mock::{Mock, Request_, World};
-
-fn dataset() -> Value {
-    json!({
-        "apiVersion": "taper.dev/v1alpha1", "kind": "Dataset",
-        "metadata": {"name": "web", "namespace": "ml", "uid": "u-1", "generation": 1},
-        "spec": {"sources": [{"name": "a", "uri": "s3://c/a.jsonl", "format": "jsonl"}]},
-    })
-}
-
-fn ready_dataset() -> Value {
-    let mut ds = dataset();
-    ds["status"] =
-        json!({"phase": "Ready", "manifest": "s3://bucket/taper/ml/datasets/web/manifest.json"});
-    ds
-}
-
-fn pretrain_job(suspend: bool) -> Value {
-    json!({
-        "apiVersion": "taper.dev/v1alpha1", "kind": "PretrainJob",
-        "metadata": {"name": "gpt", "namespace": "ml", "uid": "u-2", "generation": 1},
-        "spec": {"datasetRef": {"name": "web"}, "model": {"preset": "tiny"},
-                 "suspend": suspend, "maxRestarts": 3},
-    })
-}
+use mock::{Mock, Request_, World, applies, condition, dataset, pretrain_job, ready_dataset};
 
 /// A trainer pod of the Job `gpt-pretrain` in `phase`, terminated with `exit` (code and
 /// termination message) if given, with `conditions` besides the kubelet's.
@@ -177,13 +153,6 @@ fn status_patch(seen: &[Request_]) -> Value {
         .find(|(m, p, _)| *m == Method::PATCH && p.contains("/status"))
         .map(|(_, _, b)| b["status"].clone())
         .unwrap_or_else(|| panic!("a status patch among {seen:#?}"))
-}
-
-fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 /// The reasons and types of the Events among `seen`.
@@ -521,14 +490,6 @@ async fn permanent_exit_codes_fail_the_job_with_their_reason() {
     }
 }
 
-/// The applies of a reconcile: the kinds server-side applied, status left out.
-fn applies(seen: &[Request_]) -> Vec<String> {
-    seen.iter()
-        .filter(|(m, p, _)| *m == Method::PATCH && !p.contains("/status"))
-        .map(|(_, _, b)| b["kind"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_reconcile_with_nothing_new_applies_nothing_and_a_changed_spec_applies_again() {
     let mock = running_pretrain_job(false).await;
@@ -556,39 +517,4 @@ async fn a_reconcile_with_nothing_new_applies_nothing_and_a_changed_spec_applies
     let seen = mock.reconcile::<PretrainJob>().await;
     assert!(applies(&seen).contains(&"Job".to_string()), "{seen:#?}");
     assert_eq!(mock.job()["spec"]["suspend"], true);
-}
-
-#[tokio::test]
-async fn a_ready_dataset_in_the_cache_is_not_read_again_and_one_that_is_not_is() {
-    use kube::runtime::{reflector, watcher};
-    let reads = |seen: &[Request_]| {
-        seen.iter()
-            .filter(|(m, p, _)| *m == Method::GET && p.contains("/datasets/"))
-            .count()
-    };
-    // Not in any cache: read from the API server.
-    let mock = Mock::new(World {
-        dataset: Some(ready_dataset()),
-        resource: pretrain_job(false),
-        ..World::default()
-    });
-    let (store, mut writer) = reflector::store::<Dataset>();
-    let _ = mock.ctx.datasets.set(vec![store]);
-    let seen = mock.reconcile::<PretrainJob>().await;
-    assert_eq!(reads(&seen), 1, "{seen:#?}");
-    // Cached but not Ready (the cache may lag behind the event): read again.
-    let pending: Dataset = serde_json::from_value(dataset()).expect("dataset");
-    writer.apply_watcher_event(&watcher::Event::Apply(pending));
-    let seen = mock.reconcile::<PretrainJob>().await;
-    assert_eq!(reads(&seen), 1, "{seen:#?}");
-    // Cached and Ready: no request, and the plan still resolves the Dataset's manifest.
-    let ready: Dataset = serde_json::from_value(ready_dataset()).expect("dataset");
-    writer.apply_watcher_event(&watcher::Event::Apply(ready));
-    let seen = mock.reconcile::<PretrainJob>().await;
-    assert_eq!(reads(&seen), 0, "{seen:#?}");
-    assert_eq!(mock.status()["phase"], "Pending", "{}", mock.status());
-    assert_eq!(
-        condition(&mock.status(), "InputsReady").expect("InputsReady")["status"],
-        "True"
-    );
 }

@@ -678,7 +678,7 @@ def report(args, r, command, started_at, operator, profile, notes, cdir):
     slow = sorted((jobs[k] - pj[k], pj[k] - first) for k in pj if k in jobs)[-12:]
     print("# slowest Jobs, latency @ PretrainJob created (s after the first): "
           + ", ".join(f"{lat:.2f} @ {at:.1f}" for lat, at in reversed(slow)))
-    top = sorted(r["requests"].items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(r["requests"].items(), key=lambda kv: -kv[1])[:24]
     print("# API requests during the run, by verb and resource: " + ", ".join(
         f"{verb} {res} {n:.0f}" for (verb, res), n in top))
     for l in r["reconciles"] + r["error_lines"]:

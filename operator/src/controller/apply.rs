@@ -96,19 +96,28 @@ where
     Ok(api.patch(&name, &params, &Patch::Apply(&body)).await?)
 }
 
-/// Apply every object of `plan`; returns the Job as the API server has it, and whether
-/// this apply created it. When the same objects were applied to this Job recently
-/// ([`Applied`]), nothing is sent and the Job as read is returned.
-pub(super) async fn apply_plan(
-    ctx: &Ctx,
-    owner: &Owner,
-    plan: &Plan,
-    current: Option<Job>,
-) -> Result<(Job, bool), Error> {
-    let ns = &owner.namespace;
-    let current_suspend = current
-        .as_ref()
-        .map(|j| j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false));
+/// What a reconcile knows of its Job before applying.
+#[derive(Debug)]
+pub(super) enum Known {
+    /// Read from the operator's Job cache, which may lag behind the API server.
+    Cached(Job),
+    /// Read from the API server (`None`: there is no such Job).
+    Read(Option<Job>),
+}
+
+/// The plan's objects and their digest.
+struct Built {
+    service_account: ServiceAccount,
+    role: Role,
+    role_binding: RoleBinding,
+    config_map: ConfigMap,
+    job: Job,
+    digest: String,
+}
+
+/// Build the plan's objects for the Job `current` (`None`: to be created).
+fn build_all(ctx: &Ctx, owner: &Owner, plan: &Plan, current: Option<&Job>) -> Result<Built, Error> {
+    let current_suspend = current.map(|j| j.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false));
     let service_account = build::rbac::service_account(owner, plan.command);
     let role = build::rbac::role(owner, plan.command);
     let role_binding = build::rbac::role_binding(owner, plan.command);
@@ -121,28 +130,57 @@ pub(super) async fn apply_plan(
         serde_json::to_value(&config_map)?,
         serde_json::to_value(&job)?,
     ]);
+    Ok(Built {
+        service_account,
+        role,
+        role_binding,
+        config_map,
+        job,
+        digest,
+    })
+}
+
+/// Apply the plan's ServiceAccount, Role, RoleBinding, ConfigMap and Job, unless the same
+/// objects were applied to this Job within [`RESYNC`]; returns the Job and whether it was
+/// created.
+///
+/// A cached Job is trusted only to skip: when its plan was applied already, nothing is
+/// read or written. Anything to apply is built from the Job as the API server has it,
+/// because the build keeps a queued Job's `suspend` as Kueue set it, and a stale copy
+/// would undo an admission.
+pub(super) async fn apply_plan(
+    ctx: &Ctx,
+    owner: &Owner,
+    plan: &Plan,
+    known: Known,
+) -> Result<(Job, bool), Error> {
+    let ns = &owner.namespace;
+    let current = match known {
+        Known::Cached(job) => {
+            let built = build_all(ctx, owner, plan, Some(&job))?;
+            if ctx.applied.fresh(&job, &built.digest) {
+                return Ok((job, false));
+            }
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+            jobs.get_opt(&owner.child_name(plan.command)).await?
+        }
+        Known::Read(job) => job,
+    };
+    let built = build_all(ctx, owner, plan, current.as_ref())?;
     if let Some(current) = current.as_ref()
-        && ctx.applied.fresh(current, &digest)
+        && ctx.applied.fresh(current, &built.digest)
     {
         return Ok((current.clone(), false));
     }
-    // The pod's ServiceAccount, Role and job file at once, all before the Job: its pod is
-    // refused without the ServiceAccount, and cannot start without the ConfigMap. The
-    // RoleBinding after its Role: without `bind`, the API server checks a new binding
-    // against the rules of the Role it names, and refuses it (NotFound) while that Role
-    // does not exist yet; applied side by side, a fast refusal also cancelled the Role's
-    // request, so the race repeated on every retry. The Job beside the RoleBinding: only
-    // the running trainer uses the binding, long after its pod is created (and a failed
-    // binding fails this reconcile, so the next one applies both again).
     futures::try_join!(
-        apply::<ServiceAccount>(&ctx.client, ns, &service_account),
-        apply::<Role>(&ctx.client, ns, &role),
-        apply::<ConfigMap>(&ctx.client, ns, &config_map),
+        apply::<ServiceAccount>(&ctx.client, ns, &built.service_account),
+        apply::<Role>(&ctx.client, ns, &built.role),
+        apply::<ConfigMap>(&ctx.client, ns, &built.config_map),
     )?;
     let (_, applied) = futures::try_join!(
-        apply::<RoleBinding>(&ctx.client, ns, &role_binding),
-        apply::<Job>(&ctx.client, ns, &job),
+        apply::<RoleBinding>(&ctx.client, ns, &built.role_binding),
+        apply::<Job>(&ctx.client, ns, &built.job),
     )?;
-    ctx.applied.record(&applied, digest);
+    ctx.applied.record(&applied, built.digest);
     Ok((applied, current.is_none()))
 }

@@ -44,7 +44,7 @@ pub mod kinds;
 pub use announce::Announced;
 use announce::announce;
 pub use apply::Applied;
-use apply::{apply, apply_plan};
+use apply::{Known, apply, apply_plan};
 pub use finalizer::FINALIZER;
 use finalizer::{finalize, sync_finalizer};
 
@@ -103,17 +103,32 @@ pub struct Ctx {
     pub applied: Applied,
     /// The Dataset controllers' caches (set once they exist; unset in tests).
     pub datasets: std::sync::OnceLock<Vec<Store<Dataset>>>,
+    /// The caches of the operator's Jobs, one per watch (set once they exist).
+    pub jobs: std::sync::OnceLock<Vec<Store<Job>>>,
+}
+
+/// `namespace/name` in the first of `stores` that has it.
+fn cached<K>(stores: &std::sync::OnceLock<Vec<Store<K>>>, namespace: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let key = ObjectRef::new(name).within(namespace);
+    stores
+        .get()?
+        .iter()
+        .find_map(|store| store.get(&key))
+        .map(|obj| (*obj).clone())
 }
 
 impl Ctx {
     /// The Dataset `namespace/name` as the Dataset controllers' caches have it.
     pub fn cached_dataset(&self, namespace: &str, name: &str) -> Option<Dataset> {
-        let key = ObjectRef::new(name).within(namespace);
-        self.datasets
-            .get()?
-            .iter()
-            .find_map(|store| store.get(&key))
-            .map(|ds| (*ds).clone())
+        cached(&self.datasets, namespace, name)
+    }
+
+    /// The Job `namespace/name` as the Job cache has it (`None` also when unknown there).
+    pub fn cached_job(&self, namespace: &str, name: &str) -> Option<Job> {
+        cached(&self.jobs, namespace, name)
     }
 }
 
@@ -390,9 +405,22 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
     let (phase, current) = obj.current();
     // The references and the Job, read at once.
     let owner = owner(obj);
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let job_name = owner.child_name(K::COMMAND);
-    let (inputs, current_job) = futures::try_join!(obj.dereference(ctx), jobs.get_opt(&job_name))?;
+    // The Job from the cache, else read (with the references, at once).
+    let cached = ctx.cached_job(&owner.namespace, &job_name);
+    let read = async {
+        if cached.is_some() {
+            return Ok(None);
+        }
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+        jobs.get_opt(&job_name).await.map(Known::Read).map(Some)
+    };
+    let (inputs, read) = futures::try_join!(obj.dereference(ctx), read)?;
+    let known = match (cached, read) {
+        (_, Some(read)) => read,
+        (Some(job), None) => Known::Cached(job),
+        (None, None) => Known::Read(None),
+    };
     let inputs_condition = |status, reason, message: &str| {
         Condition::new(ConditionType::InputsReady, status, reason, message)
     };
@@ -462,7 +490,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
     // Every plan of a kind runs that kind's command (crate::plan), so the Job read above is
     // the plan's.
     debug_assert_eq!(plan.command, K::COMMAND);
-    let (job, created) = apply_plan(ctx, &owner, &plan, current_job).await?;
+    let (job, created) = apply_plan(ctx, &owner, &plan, known).await?;
     if created {
         event(
             ctx,

@@ -151,6 +151,7 @@ impl Mock {
             announced: Default::default(),
             applied: Default::default(),
             datasets: Default::default(),
+            jobs: Default::default(),
         });
         Self {
             world,
@@ -188,6 +189,10 @@ impl Mock {
     }
 
     /// Set the status of the Job, as the Job controller does.
+    #[allow(
+        dead_code,
+        reason = "each test crate compiles this module; not all use this"
+    )]
     pub fn set_job_status(&self, status: Value) {
         if let Some(j) = self.world.lock().expect("lock").job.as_mut() {
             j["status"] = status;
@@ -203,4 +208,49 @@ impl Mock {
             .clone()
             .expect("a Job was applied")
     }
+}
+
+// Fixtures and readers shared by the scenarios.
+
+/// A Dataset `ml/web` with one source.
+pub fn dataset() -> Value {
+    json!({
+        "apiVersion": "taper.dev/v1alpha1", "kind": "Dataset",
+        "metadata": {"name": "web", "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": {"sources": [{"name": "a", "uri": "s3://c/a.jsonl", "format": "jsonl"}]},
+    })
+}
+
+/// [`dataset`], published.
+pub fn ready_dataset() -> Value {
+    let mut ds = dataset();
+    ds["status"] =
+        json!({"phase": "Ready", "manifest": "s3://bucket/taper/ml/datasets/web/manifest.json"});
+    ds
+}
+
+/// A PretrainJob `ml/gpt` of the Dataset `web`.
+pub fn pretrain_job(suspend: bool) -> Value {
+    json!({
+        "apiVersion": "taper.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": "gpt", "namespace": "ml", "uid": "u-2", "generation": 1},
+        "spec": {"datasetRef": {"name": "web"}, "model": {"preset": "tiny"},
+                 "suspend": suspend, "maxRestarts": 3},
+    })
+}
+
+/// The condition of `type_` in `status`.
+pub fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// The applies of a reconcile: the kinds server-side applied, status left out.
+pub fn applies(seen: &[Request_]) -> Vec<String> {
+    seen.iter()
+        .filter(|(m, p, _)| *m == Method::PATCH && !p.contains("/status"))
+        .map(|(_, _, b)| b["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
