@@ -198,6 +198,7 @@ pub async fn controllers(client: Client, cfg: Config, metrics: Metrics) {
         cfg: cfg.clone(),
         announced: Default::default(),
         applied: Default::default(),
+        written: Default::default(),
         datasets: Default::default(),
         jobs: Default::default(),
     });

@@ -91,3 +91,38 @@ async fn a_ready_dataset_in_the_cache_is_not_read_again_and_one_that_is_not_is()
         "True"
     );
 }
+
+#[tokio::test]
+async fn a_copy_older_than_the_operators_own_status_write_does_not_get_it_written_again() {
+    let status_patches = |seen: &[Request_]| {
+        seen.iter()
+            .filter(|(m, p, _)| *m == Method::PATCH && p.contains("/status"))
+            .count()
+    };
+    let mut job = pretrain_job(false);
+    job["metadata"]["resourceVersion"] = json!("41");
+    let mock = Mock::new(World {
+        dataset: Some(ready_dataset()),
+        resource: job.clone(),
+        ..World::default()
+    });
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(status_patches(&seen), 1, "{seen:#?}");
+    let written = mock.status();
+    // Woken again (by its Job's creation) before the watch brought back that status: the
+    // copy it gets is the one the write was computed from.
+    mock.world.lock().expect("lock").resource = job;
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(status_patches(&seen), 0, "{seen:#?}");
+    // Once the cache has moved on (a newer copy), that copy's status is what counts.
+    let mut moved_on = pretrain_job(false);
+    moved_on["metadata"]["resourceVersion"] = json!("42");
+    moved_on["status"] = written;
+    mock.world.lock().expect("lock").resource = moved_on;
+    let seen = mock.reconcile::<PretrainJob>().await;
+    assert_eq!(status_patches(&seen), 0, "{seen:#?}");
+    assert!(
+        mock.ctx.written.is_empty(),
+        "forgotten once the cache has caught up"
+    );
+}

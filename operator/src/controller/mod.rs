@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
@@ -40,6 +40,7 @@ mod announce;
 mod apply;
 mod finalizer;
 pub mod kinds;
+mod status;
 
 pub use announce::Announced;
 use announce::announce;
@@ -47,15 +48,20 @@ pub use apply::Applied;
 use apply::{Known, apply, apply_plan};
 pub use finalizer::FINALIZER;
 use finalizer::{finalize, sync_finalizer};
+use status::apply_status;
+pub use status::{OperatorStatus, Written, unchanged};
 
 /// How often a resource is looked at again without any change (a safety net: Job and
 /// referenced-object changes trigger reconciles through watches).
 pub const RESYNC: Duration = Duration::from_secs(300);
-/// Triggers for one resource within this time make one reconcile: a Job's creation and
-/// the status updates that follow at once (its pod created) come together. Every new
-/// resource waits this long for its first reconcile, so it is short; the operator's own
-/// status applies no longer trigger at all (`run::trigger_hash`).
-pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Triggers for one resource within this time make one reconcile (a Job's creation and
+/// its pod's, when they come together). Every new resource waits this long for its first
+/// reconcile, so it is short: at 100 ms it was half the median time from a PretrainJob's
+/// creation to its Job's in `scripts/bench/operator_scale.py`. The extra reconciles a
+/// short debounce lets through cost no request: the Job comes from the cache, an applied
+/// plan and an unchanged status are not sent again ([`Written`]), and the operator's
+/// own status applies wake nothing (`run::trigger_hash`).
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// How soon a resource waiting for an input is looked at again.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -101,6 +107,8 @@ pub struct Ctx {
     pub announced: Announced,
     /// What was last applied per Job, so an unchanged plan is not applied again.
     pub applied: Applied,
+    /// The status last written per resource, newer than the cache until it catches up.
+    pub written: Written,
     /// The Dataset controllers' caches (set once they exist; unset in tests).
     pub datasets: std::sync::OnceLock<Vec<Store<Dataset>>>,
     /// The caches of the operator's Jobs, one per watch (set once they exist).
@@ -138,31 +146,6 @@ impl Debug for Ctx {
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
-}
-
-/// The status fields the operator owns, as it applies them. The trainer owns the live
-/// figures (with its own field manager); neither overwrites the other's.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OperatorStatus {
-    /// The kind's phase name.
-    pub phase: String,
-    /// The conditions.
-    pub conditions: Vec<Condition>,
-    /// The generation acted on.
-    pub observed_generation: Option<i64>,
-    /// Counted pod failures (jobs only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub restarts: Option<i32>,
-    /// The current trainer pod (jobs only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_name: Option<String>,
-    /// When the first pod started.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start_time: Option<Time>,
-    /// When the resource finished.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completion_time: Option<Time>,
 }
 
 /// What differs between the three kinds.
@@ -290,41 +273,6 @@ async fn pods_of(ctx: &Ctx, owner: &Owner, job: &str) -> Result<Pods, Error> {
     Ok(seen)
 }
 
-/// Whether every field of `status` already has that value on `obj` (then applying it
-/// would change nothing, and would only wake this controller again).
-pub fn unchanged<K: TaperKind>(obj: &K, status: &OperatorStatus) -> bool {
-    let (Ok(current), Ok(new)) = (serde_json::to_value(obj), serde_json::to_value(status)) else {
-        return false;
-    };
-    new.as_object().is_some_and(|fields| {
-        fields
-            .iter()
-            .all(|(k, v)| current["status"].get(k).unwrap_or(&serde_json::Value::Null) == v)
-    })
-}
-
-/// Apply `status` to the resource's status subresource, unless nothing would change.
-async fn apply_status<K: TaperKind>(
-    ctx: &Ctx,
-    obj: &K,
-    status: &OperatorStatus,
-) -> Result<(), Error> {
-    if unchanged(obj, status) {
-        return Ok(());
-    }
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "metadata": {"name": obj.name_any()},
-        "status": status,
-    });
-    let params = PatchParams::apply(pod::OPERATOR_FIELD_MANAGER).force();
-    api.patch_status(&obj.name_any(), &params, &Patch::Apply(&body))
-        .await?;
-    Ok(())
-}
-
 /// Conditions after setting each of `new` on `current` (transition times kept when a
 /// status did not change).
 fn merge(current: &[Condition], new: Vec<Condition>, generation: Option<i64>) -> Vec<Condition> {
@@ -393,8 +341,9 @@ pub async fn reconcile<K: TaperKind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Actio
 
 async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Error> {
     if obj.meta().deletion_timestamp.is_some() {
-        ctx.announced
-            .forget(obj.meta().uid.as_deref().unwrap_or_default());
+        let uid = obj.meta().uid.as_deref().unwrap_or_default();
+        ctx.announced.forget(uid);
+        ctx.written.forget(uid);
         return finalize(ctx, obj).await;
     }
     if sync_finalizer(ctx, obj).await? {
@@ -402,7 +351,12 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let generation = obj.meta().generation;
-    let (phase, current) = obj.current();
+    // This operator's last status write, when the cache's copy predates it.
+    let newer = ctx.written.newer(obj);
+    let (phase, current) = match &newer {
+        Some(s) => (s.phase.clone(), s.conditions.clone()),
+        None => obj.current(),
+    };
     // The references and the Job, read at once.
     let owner = owner(obj);
     let job_name = owner.child_name(K::COMMAND);
@@ -452,7 +406,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
                 observed_generation: generation,
                 ..OperatorStatus::default()
             };
-            apply_status(ctx, obj, &status).await?;
+            apply_status(ctx, obj, &status, newer.as_ref()).await?;
             if phase != K::phase(State::Pending) || current.is_empty() {
                 event(ctx, obj, EventType::Normal, "Waiting", message);
             }
@@ -480,7 +434,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
                 completion_time: Some(now()),
                 ..OperatorStatus::default()
             };
-            apply_status(ctx, obj, &status).await?;
+            apply_status(ctx, obj, &status, newer.as_ref()).await?;
             if phase != K::phase(State::Failed) {
                 event(ctx, obj, EventType::Warning, "Failed", message);
             }
@@ -542,7 +496,7 @@ async fn reconcile_inner<K: TaperKind>(obj: &K, ctx: &Ctx) -> Result<Action, Err
         start_time: d.start_time.clone(),
         completion_time: d.completion_time.clone(),
     };
-    apply_status(ctx, obj, &status).await?;
+    apply_status(ctx, obj, &status, newer.as_ref()).await?;
     if phase != K::phase(d.state)
         && let Some(reason) = transition(&phase, d.state, d.reason)
     {

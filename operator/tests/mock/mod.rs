@@ -150,6 +150,7 @@ impl Mock {
             metrics: Metrics::new().expect("metrics"),
             announced: Default::default(),
             applied: Default::default(),
+            written: Default::default(),
             datasets: Default::default(),
             jobs: Default::default(),
         });
