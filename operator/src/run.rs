@@ -1,5 +1,6 @@
 //! Running the controllers: one per kind (and per watched namespace), each watching its
-//! resources, the Jobs it owns and the objects its resources reference; a gauge of
+//! resources and the objects its resources reference, and woken by its Jobs through one
+//! Job watch the three share, which also fills the Job cache; a gauge of
 //! resources per phase; and leader election on a Lease, so that only one replica
 //! reconciles.
 

@@ -172,6 +172,14 @@ pub(super) async fn apply_plan(
     {
         return Ok((current.clone(), false));
     }
+    // The pod's ServiceAccount, Role and job file at once, all before the Job: its pod is
+    // refused without the ServiceAccount, and cannot start without the ConfigMap. The
+    // RoleBinding after its Role: without `bind`, the API server checks a new binding
+    // against the rules of the Role it names, and refuses it (NotFound) while that Role
+    // does not exist yet; applied side by side, a fast refusal also cancelled the Role's
+    // request, so the race repeated on every retry. The Job beside the RoleBinding: only
+    // the running trainer uses the binding, long after its pod is created (and a failed
+    // binding fails this reconcile, so the next one applies both again).
     futures::try_join!(
         apply::<ServiceAccount>(&ctx.client, ns, &built.service_account),
         apply::<Role>(&ctx.client, ns, &built.role),
