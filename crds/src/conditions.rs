@@ -124,6 +124,8 @@ pub enum ConditionReason {
     LossDiverged,
     /// The pod failed more than `spec.maxRestarts` times.
     RestartLimitExceeded,
+    /// The job was active longer than `spec.activeDeadlineSeconds`.
+    DeadlineExceeded,
     /// The trainer exited with a permanent error; the message carries its last words.
     TrainerError,
 }

@@ -40,6 +40,14 @@ pub struct RunPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// Fail the job once its Job has been active this long, in seconds (the Job's
+    /// `activeDeadlineSeconds`: counted from its start, through restarts; the clock
+    /// starts again when the job resumes after a suspension). The running pod gets
+    /// SIGTERM and saves a checkpoint; the job fails with `DeadlineExceeded`. Default:
+    /// unset, no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
     /// What deleting the resource does to what it wrote to the store (checkpoints and
     /// outputs, everything under the job's prefix): `Retain` (default) keeps it; `Delete`
     /// removes it with a short cleanup Job before the resource goes (a finalizer holds the
@@ -67,6 +75,7 @@ impl Default for RunPolicy {
             suspend: false,
             max_restarts: default_max_restarts(),
             ttl_seconds_after_finished: None,
+            active_deadline_seconds: None,
             reclaim_policy: ReclaimPolicy::Retain,
         }
     }

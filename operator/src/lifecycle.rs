@@ -124,7 +124,7 @@ pub fn decide(o: &Observation, running: ConditionReason, done: ConditionReason) 
             .failed_pod
             .as_ref()
             .map(|(code, words)| format!("exit code {code}: {}", words.trim()))
-            .unwrap_or(message);
+            .unwrap_or_else(|| message.clone());
         (d.reason, d.message) = match reason.as_str() {
             "PodFailurePolicy" => (
                 o.failed_pod
@@ -137,6 +137,14 @@ pub fn decide(o: &Observation, running: ConditionReason, done: ConditionReason) 
             "BackoffLimitExceeded" => (
                 ConditionReason::RestartLimitExceeded,
                 format!("{restarts} pod failures, more than maxRestarts; last: {last_words}"),
+            ),
+            "DeadlineExceeded" => (
+                ConditionReason::DeadlineExceeded,
+                format!(
+                    "{message} (activeDeadlineSeconds); to go on, delete and re-apply it with \
+                     a larger deadline or none: with reclaimPolicy Retain its new pod resumes \
+                     from the latest checkpoint"
+                ),
             ),
             _ => (
                 ConditionReason::TrainerError,
@@ -274,6 +282,19 @@ mod tests {
         assert_eq!(d.state, State::Failed);
         assert_eq!(d.reason, ConditionReason::RestartLimitExceeded);
         assert_eq!(d.restarts, 4);
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_fails_saying_so() {
+        let d = decide_on(Observation {
+            job: Some(job(0, 0, Some(("Failed", "DeadlineExceeded")))),
+            ..Observation::default()
+        });
+        assert_eq!(
+            (d.state, d.reason),
+            (State::Failed, ConditionReason::DeadlineExceeded)
+        );
+        assert!(d.message.contains("activeDeadlineSeconds"), "{}", d.message);
     }
 
     #[test]

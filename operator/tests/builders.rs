@@ -50,7 +50,7 @@ fn pretrain_job() -> PretrainJob {
     serde_yaml::from_str(
         "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\n\
          metadata: {name: gpt2, namespace: research, uid: 66666666-7777-8888-9999-000000000000, labels: {kueue.x-k8s.io/queue-name: gpus}}\n\
-         spec:\n  datasetRef: {name: owt2}\n  model: {preset: gpt2-small}\n  maxRestarts: 5\n  ttlSecondsAfterFinished: 3600\n  \
+         spec:\n  datasetRef: {name: owt2}\n  model: {preset: gpt2-small}\n  maxRestarts: 5\n  ttlSecondsAfterFinished: 3600\n  activeDeadlineSeconds: 86400\n  \
          resources: {gpus: 8, cpu: \"32\", memory: 512Gi, nodeSelector: {pool: h100}, \
          tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}], priorityClassName: training}\n",
     )
@@ -136,6 +136,7 @@ fn a_pretrain_job_builds_its_config_map_rbac_and_job() {
     let spec = job.spec.expect("spec");
     assert_eq!(spec.backoff_limit, Some(5), "maxRestarts");
     assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
+    assert_eq!(spec.active_deadline_seconds, Some(86400));
     assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
     assert_eq!(
         spec.suspend,

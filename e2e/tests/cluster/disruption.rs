@@ -4,6 +4,8 @@
 //! replaced by the Job without counting a restart, each new pod resumes from the latest
 //! checkpoint, and the PretrainJob ends `Succeeded` with no restart counted.
 //!
+//! Last, a PretrainJob past its `activeDeadlineSeconds` fails with `DeadlineExceeded`.
+//!
 //! The eviction is a hard one (grace period 0): the trainer is killed (137) before it can
 //! save a checkpoint, so only the Job's `DisruptionTarget` rule keeps it from counting
 //! (the graceful preemption ends with 75, which the exit-code rule ignores as well).
@@ -277,5 +279,49 @@ pub(crate) fn disruption_checks(admin: &Path, pod_logs: &Path, operator_log: &Pa
         (events.contains(&first) && events.contains(PREEMPTION_BY_SCHEDULER))
             || (events.contains(&second) && events.contains(TERMINATION_BY_KUBELET)),
         "a Preempted event names a disrupted pod and why: {events}"
+    );
+    deadline_checks(admin);
+}
+
+/// A PretrainJob past its `activeDeadlineSeconds`: Kubernetes' Job controller stops its
+/// pod and fails the Job, and the PretrainJob fails saying why and what to do.
+fn deadline_checks(admin: &Path) {
+    let manifest = "apiVersion: taper.dev/v1alpha1\nkind: PretrainJob\nmetadata: {name: overdue, namespace: ml}\nspec:\n  \
+        datasetRef: {name: words}\n  model: {preset: tiny, nLayer: 1}\n  \
+        training: {batchSize: 2, gradientAccumulationSteps: 1, maxSteps: 100000, warmupSteps: 2, precision: f32}\n  \
+        resources: {gpus: 0}\n  activeDeadlineSeconds: 3\n";
+    ok(
+        &kubectl(admin, &["apply", "-f", "-"], Some(manifest)),
+        "PretrainJob overdue",
+    );
+    let get = || kubectl_json(admin, &["get", "pj,job", "-n", "ml", "-o", "json"]);
+    let pj = eventually_or(
+        120,
+        "overdue Failed",
+        || format!("{:#}", get().unwrap_or_default()),
+        || {
+            kubectl_json(admin, &["get", "pj", "-n", "ml", "overdue", "-o", "json"])
+                .filter(|p| p["status"]["phase"] == "Failed")
+        },
+    );
+    let failed = pj["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Failed"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(failed["reason"], "DeadlineExceeded", "{pj:#}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("activeDeadlineSeconds")),
+        "{pj:#}"
+    );
+    ok(
+        &kubectl(
+            admin,
+            &["delete", "pj", "-n", "ml", "overdue", "--wait=false"],
+            None,
+        ),
+        "delete PretrainJob overdue",
     );
 }

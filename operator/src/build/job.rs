@@ -313,6 +313,7 @@ pub fn job(owner: &Owner, plan: &Plan, cfg: &Config, current_suspend: Option<boo
             pod_replacement_policy: Some("Failed".into()),
             suspend,
             ttl_seconds_after_finished: plan.run.ttl_seconds_after_finished,
+            active_deadline_seconds: plan.run.active_deadline_seconds,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
