@@ -10,11 +10,16 @@ mod mock;
 
 use mock::{Mock, Request_, World, applies, condition, dataset, pretrain_job, ready_dataset};
 
+/// The requests among `seen` with `method` whose path contains `part`.
+fn count(seen: &[Request_], method: Method, part: &str) -> usize {
+    seen.iter()
+        .filter(|(m, p, _)| *m == method && p.contains(part))
+        .count()
+}
+
 /// The GETs of Jobs among `seen`.
 fn job_reads(seen: &[Request_]) -> usize {
-    seen.iter()
-        .filter(|(m, p, _)| *m == Method::GET && p.contains("/jobs/"))
-        .count()
+    count(seen, Method::GET, "/jobs/")
 }
 
 #[tokio::test]
@@ -60,11 +65,7 @@ async fn a_cached_job_whose_plan_was_applied_is_not_read_and_a_stale_one_does_no
 
 #[tokio::test]
 async fn a_ready_dataset_in_the_cache_is_not_read_again_and_one_that_is_not_is() {
-    let reads = |seen: &[Request_]| {
-        seen.iter()
-            .filter(|(m, p, _)| *m == Method::GET && p.contains("/datasets/"))
-            .count()
-    };
+    let reads = |seen: &[Request_]| count(seen, Method::GET, "/datasets/");
     // Not in any cache: read from the API server.
     let mock = Mock::new(World {
         dataset: Some(ready_dataset()),
@@ -94,11 +95,7 @@ async fn a_ready_dataset_in_the_cache_is_not_read_again_and_one_that_is_not_is()
 
 #[tokio::test]
 async fn a_copy_older_than_the_operators_own_status_write_does_not_get_it_written_again() {
-    let status_patches = |seen: &[Request_]| {
-        seen.iter()
-            .filter(|(m, p, _)| *m == Method::PATCH && p.contains("/status"))
-            .count()
-    };
+    let status_patches = |seen: &[Request_]| count(seen, Method::PATCH, "/status");
     let mut job = pretrain_job(false);
     job["metadata"]["resourceVersion"] = json!("41");
     let mock = Mock::new(World {
